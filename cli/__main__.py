@@ -1,0 +1,5 @@
+import sys
+
+from sandhop.cli import main
+
+sys.exit(main())

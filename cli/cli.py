@@ -1,0 +1,92 @@
+"""The `sandhop` command line. Subcommands import their machinery lazily, so `--help` is instant
+and the base install (numpy only) can run the ones that need nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sandhop import __version__
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    from sandhop.datasets.record import record
+    result = record(args.suite, Path(args.out), keep=args.keep)
+    row = result.manifest_row
+    print(f"{row['suite']}: {row['tests']} tests, {row['events']} events in {row['wall_s']} s -> {result.trace}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sandhop.demo import run_demo
+    return run_demo(Path(args.out), suite=args.suite, force=args.force)
+
+
+def _cmd_trace_convert(args: argparse.Namespace) -> int:
+    import shutil
+
+    from sandhop.datasets import traces
+    path = traces.convert_spool(Path(args.spool), Path(args.out))
+    shutil.rmtree(args.spool)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_trace_summary(args: argparse.Namespace) -> int:
+    from sandhop.datasets import traces
+    table = traces.read_traces(Path(args.path), suites=args.suite or None)
+    print(traces.format_summary(traces.summarise(table)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sandhop", description="Dynamic, learned sandboxing of test execution.")
+    parser.add_argument("--version", action="version", version=f"sandhop {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the main job on the bundled data: record a real suite and summarise its trace")
+    p.add_argument("--out", default="sandhop-demo", help="output folder (default: ./sandhop-demo)")
+    p.add_argument("--suite", default="click", help="bundled suite to record (default: click)")
+    p.add_argument("--force", action="store_true", help="redo steps whose results already exist")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("record", help="download a real suite, run its tests under the recorder, add it to a dataset")
+    p.add_argument("suite", metavar="NAME==VERSION")
+    p.add_argument("--out", required=True, help="trace dataset folder (Parquet, partitioned by suite)")
+    p.add_argument("--keep", action="store_true", help="keep the throwaway venv and sources for inspection")
+    p.set_defaults(func=_cmd_record)
+
+    p = sub.add_parser("trace", help="inspect and convert traces")
+    tsub = p.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
+    q = tsub.add_parser("summary", help="validate a trace dataset (or one file) and print a summary table")
+    q.add_argument("path")
+    q.add_argument("--suite", action="append", help="only this suite (repeatable)")
+    q.set_defaults(func=_cmd_trace_summary)
+    q = tsub.add_parser("convert", help="turn a recorder spool left without pyarrow into Parquet")
+    q.add_argument("spool")
+    q.add_argument("out")
+    q.set_defaults(func=_cmd_trace_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except ImportError as exc:
+        print(f"sandhop {args.command}: needs a package that is not installed ({exc.name}); "
+              f"install everything with: pip install -e '.[all]'", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"sandhop {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""`sandhop demo`: the main job, end to end, on the bundled data.
+
+At this stage it records one bundled real suite (an sdist shipped in `datasets/data/suites/`)
+with the current interpreter and prints a summary table of its trace. Steps whose results exist
+are reused unless `--force`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+
+BUNDLED_SUITES = "suites"
+
+
+def bundled_sdists() -> dict[str, Path]:
+    """name -> sdist archive shipped with sandhop."""
+    folder = Path(str(resources.files("sandhop.datasets") / "data" / BUNDLED_SUITES))
+    return {p.name.split("-", 1)[0].lower(): p for p in sorted(folder.glob("*.tar.gz"))}
+
+
+def run_demo(out: Path, *, suite: str = "click", force: bool = False, progress=print) -> int:
+    from sandhop.datasets import traces
+    from sandhop.datasets.record import MANIFEST, recipe_for, run_suite, unpack_sdist
+
+    sdists = bundled_sdists()
+    if suite not in sdists:
+        raise ValueError(f"no bundled suite {suite!r}; bundled: {', '.join(sdists) or 'none'}")
+    try:
+        import pytest  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("pytest", name="pytest") from exc
+    archive = sdists[suite]
+    spec = archive.name[: -len(".tar.gz")].replace("-", "==", 1)
+    recipe = recipe_for(spec)
+    out = out.resolve()
+    trace_root = out / "traces"
+    progress(f"sandhop demo -> {out}")
+
+    existing = _manifest_row(trace_root / MANIFEST, recipe.spec)
+    if existing and not force:
+        progress(f"[1/2] reusing the recording of {recipe.spec} ({existing['trace']}); --force redoes it")
+        row = existing
+    else:
+        if force and trace_root.exists():
+            shutil.rmtree(trace_root)
+        work = out / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        src = unpack_sdist(archive, work / "src")
+        progress(f"[1/2] recording the real test suite of {recipe.spec} (bundled sdist) "
+                 f"under pytest --sandhop-record; log: {work / 'record.log'}")
+        result = run_suite(recipe, src, sys.executable, trace_root, work / "record.log",
+                           isolated=False, extra_env={"PYTHONPATH": str(src / "src")})
+        row = result.manifest_row
+    progress("[2/2] summary of the trace")
+    table = traces.read_traces(trace_root, suites=[recipe.spec])
+    print(traces.format_summary(traces.summarise(table)))
+    tests = row["tests"]
+    print(f"\n{recipe.spec}: {sum(tests.values())} tests ({', '.join(f'{k} {v}' for k, v in sorted(tests.items()))}), "
+          f"{row['events']} events, {row['wall_s']} s under the recorder")
+    print(f"trace: {trace_root / row['trace']}")
+    return 0
+
+
+def _manifest_row(manifest: Path, spec: str) -> dict | None:
+    if not manifest.exists():
+        return None
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("suite") == spec and (manifest.parent / r["trace"]).exists()]
+    return rows[-1] if rows else None

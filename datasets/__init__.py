@@ -1,0 +1,1 @@
+"""sandhop.datasets: trace schema and Parquet storage, real-suite recipes, the shipped data."""

@@ -1,0 +1,1 @@
+"""sandhop.envs: the sandbox-manager environments (Gymnasium and its JAX twin)."""
