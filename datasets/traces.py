@@ -687,7 +687,7 @@ def format_summary(summary: dict) -> str:
         ("suites", ", ".join(summary["suites"]) or "-"),
         ("runs", f"{summary['runs']:,}"),
         ("events", f"{summary['events']:,} rows, {summary['events_weighted']:,} with repeats"),
-        ("tests", f"{summary['tests']:,}" + (f" ({outcomes})" if summary["tests"] else "")),
+        ("tests with events", f"{summary['tests']:,}" + (f" ({outcomes})" if summary["tests"] else "")),
     ]
     width = max(len(label) for label, _ in head)
     lines = [f"{label:<{width}}  {value}" for label, value in head]

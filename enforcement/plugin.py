@@ -9,7 +9,6 @@ end (that needs pyarrow; without it the spool is kept and `sandhop trace convert
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -17,6 +16,7 @@ import secrets
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -140,21 +140,28 @@ class Recorder:
             counts[outcome] = counts.get(outcome, 0) + 1
         self._write_run_json(status="finished", exitstatus=int(exitstatus), outcomes=counts,
                              wall_s=round(time.time() - self.started, 3),
-                             undecodable_events=self.tracer.dropped)
-        if importlib.util.find_spec("pyarrow") is None:
-            self.error = (f"pyarrow is not installed here, so the trace stays spooled in {self.spool}; "
-                          f"finish it with: sandhop trace convert {self.spool} {self.out}")
-            return
-        from sandhop.datasets import traces
+                             decode_failures=self.tracer.dropped)
         try:
-            self.result_path = traces.convert_spool(self.spool, self.out)
+            from sandhop.datasets import traces
+        except ImportError as exc:  # base install (no pyarrow) or a throwaway venv
+            self.error = (f"the trace stays spooled in {self.spool} because Parquet support is not "
+                          f"importable here ({exc}); finish it with: sandhop trace convert {self.spool} {self.out}")
+            return
+        try:
+            # The suite's own warning filters (often "error") must not turn ours into failures.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self.result_path = traces.convert_spool(self.spool, self.out)
         except Exception as exc:  # keep the spool: nothing recorded is lost
             self.error = f"could not convert the spool {self.spool}: {exc}"
             return
+        self.notes = [str(w.message) for w in caught]
         shutil.rmtree(self.spool, ignore_errors=True)
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         tr = terminalreporter
+        for note in getattr(self, "notes", []):
+            tr.write_line(f"sandhop: {note}", yellow=True)
         if self.result_path is not None:
             tr.write_line(f"sandhop: recorded {self.suite} ({len(self.outcomes)} tests) into {self.result_path}")
         elif self.error:

@@ -249,3 +249,25 @@ def test_plugin_is_inert_without_options(pytester):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     assert not list(pytester.path.rglob("*.parquet"))
+
+
+def test_without_parquet_support_the_spool_is_kept_and_converted_later(tmp_path):
+    blocker = tmp_path / "blocker" / "pyarrow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('pyarrow is blocked in this test')\n")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "test_w.py").write_text("def test_w(tmp_path):\n    (tmp_path / 'f').write_text('x')\n")
+    out = project / "traces"
+    env = {**os.environ, "PYTEST_ADDOPTS": "", "PYTHONPATH": str(blocker.parent)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "--sandhop-record", str(out)], cwd=project, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "trace stays spooled" in proc.stdout, proc.stdout
+    (spool,) = (out / ".spool").iterdir()
+    assert not list(out.rglob("*.parquet"))
+    converted = subprocess.run([sys.executable, "-m", "sandhop", "trace", "convert", str(spool), str(out)],
+                               capture_output=True, text=True)
+    assert converted.returncode == 0, converted.stderr
+    rows = traces.read_traces(out).to_pylist()
+    assert where(rows, test_id="test_w.py::test_w", category="fs.write", target_class="tmp")
+    assert {r["suite"] for r in rows} == {"project==local"} and not spool.exists()
