@@ -129,6 +129,7 @@ class Roots:
     site: tuple[str, ...]
     stdlib: str
     python: str
+    base_python: str = ""  # the interpreter a venv was made from; also spelled ${python}
 
     @classmethod
     def current(cls, home: str | None = None, cwd: str | None = None) -> "Roots":
@@ -142,13 +143,14 @@ class Roots:
             site=tuple(sorted(site)),
             stdlib=os.path.realpath(paths["stdlib"]),
             python=os.path.realpath(sys.prefix),
+            base_python=os.path.realpath(sys.base_prefix),
         )
 
     def prefixes(self) -> list[tuple[str, str]]:
         """(prefix, variable) pairs, longest prefix first, so the most specific one wins."""
         # On equal prefixes the earlier wins: a project checked out in HOME is still ${cwd}.
         pairs = [(self.cwd, "${cwd}"), (self.home, "${home}"), (self.tmp, "${tmp}"),
-                 (self.stdlib, "${stdlib}"), (self.python, "${python}")]
+                 (self.stdlib, "${stdlib}"), (self.python, "${python}"), (self.base_python, "${python}")]
         pairs += [(s, "${site}") for s in self.site]
         pairs = [(p.rstrip("/") or "/", v) for p, v in pairs if p and p != "/"]
         return sorted(pairs, key=lambda pv: len(pv[0]), reverse=True)

@@ -61,6 +61,7 @@ class Tracer:
         self.phase = phase
         self.enabled = False
         self.dropped = 0
+        self.flush_every = FLUSH_EVERY
         self._tls = threading.local()
         self._lock = threading.Lock()
         self._buf: list[list] = []
@@ -68,7 +69,7 @@ class Tracer:
         self._fd = -1
         self._stable: dict[str, tuple[str, str]] = {}
         self.executed: set[int] = set()
-        self._stable_prefixes = tuple(p + "/" for p in (*roots.site, roots.stdlib, roots.python))
+        self._stable_prefixes = tuple(p + "/" for p in (*roots.site, roots.stdlib, roots.python, roots.base_python) if p)
         self._open_spool()
 
     # ----------------------------------------------------------------- lifecycle
@@ -78,9 +79,13 @@ class Tracer:
         if not spool:
             return None
         roots = ev.Roots.current(cwd=os.environ.get(ENV_CWD) or None)
-        return cls(spool, int(os.environ.get(ENV_T0) or time.monotonic_ns()), roots,
-                   test_id=os.environ.get(ENV_TEST, ""), phase=os.environ.get(ENV_PHASE, "session"),
-                   boot_dir=os.environ.get(ENV_BOOT, ""))
+        tracer = cls(spool, int(os.environ.get(ENV_T0) or time.monotonic_ns()), roots,
+                     test_id=os.environ.get(ENV_TEST, ""), phase=os.environ.get(ENV_PHASE, "session"),
+                     boot_dir=os.environ.get(ENV_BOOT, ""))
+        # Children are often ended by a signal (a test's server terminated at teardown), which
+        # skips atexit: unbuffered spooling loses nothing.
+        tracer.flush_every = 1
+        return tracer
 
     def _open_spool(self) -> None:
         self.pid, self.ppid = os.getpid(), os.getppid()
@@ -106,9 +111,15 @@ class Tracer:
 
     def _after_fork(self) -> None:
         # The child gets a copy of the buffer its parent will also write: drop it, new file.
+        # Forked workers often leave through os._exit (no atexit), so write every event at once.
         self._buf = []
         self._lock = threading.Lock()
-        self._open_spool()
+        self.flush_every = 1
+        self._tls.busy = True
+        try:
+            self._open_spool()
+        finally:
+            self._tls.busy = False
 
     def child_environment(self) -> dict[str, str]:
         """The variables a child process needs to be traced and attributed to this test."""
@@ -139,7 +150,7 @@ class Tracer:
             self._lseq += 1
             self._buf.append([time.monotonic_ns() - self.t0_ns, self.pid, self.ppid, self._lseq,
                               self.test_id, self.phase, category, op, target, detail, cls])
-            if len(self._buf) >= FLUSH_EVERY:
+            if len(self._buf) >= self.flush_every:
                 self._flush_locked()
 
     def flush(self) -> None:

@@ -59,6 +59,15 @@ OPERATIONS = """
         out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
         assert out.stdout.strip() == "child reads me"
 
+    def test_server_child():
+        code = ("import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
+                "print(s.getsockname()[1], flush=True); s.accept()")
+        server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        port = int(server.stdout.readline())
+        socket.create_connection(("127.0.0.1", port)).close()
+        server.terminate()  # SIGTERM: the child gets no chance to run atexit
+        server.wait()
+
     def test_native():
         ctypes.CDLL("libc.so.6")
         assert "_sqlite3" not in sys.modules
@@ -79,7 +88,7 @@ def operations(tmp_path_factory) -> tuple[list[dict], subprocess.CompletedProces
 
 def test_inner_session_passes(operations):
     rows, proc = operations
-    assert proc.returncode == 0 and "6 passed" in proc.stdout
+    assert proc.returncode == 0 and "7 passed" in proc.stdout
     assert {r["suite"] for r in rows} == {"inner==1.0"}
 
 
@@ -119,6 +128,14 @@ def test_spawn_and_child_python_traced(operations):
     assert child_reads, "the child Python's open() was not traced"
     assert child_reads[0]["pid"] != parent_pid and child_reads[0]["ppid"] == parent_pid
     assert child_reads[0]["target_class"] == "tmp"
+
+
+def test_child_killed_by_a_signal_keeps_its_events(operations):
+    rows, _ = operations
+    tid = "test_ops.py::test_server_child"
+    (spawn,) = where(rows, test_id=tid, category="proc.spawn")
+    binds = [r for r in where(rows, test_id=tid, category="net.bind") if r["pid"] != spawn["pid"]]
+    assert binds and binds[0]["target"] == "127.0.0.1:0" and binds[0]["ppid"] == spawn["pid"]
 
 
 def test_native_code(operations):
