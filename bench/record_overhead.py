@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from sandhop.datasets.record import recipe_for, unpack_sdist
+from sandhop.datasets.suites import pytest_argv
 from sandhop.demo import bundled_sdists
 
 
@@ -34,8 +35,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sandhop-bench-"))
     src = unpack_sdist(archive, work / "src")
     env = {**os.environ, "PYTHONPATH": str(src / "src"), "PYTEST_ADDOPTS": ""}
-    base = [sys.executable, "-m", "pytest", *recipe.test_paths, "-q", "-p", "no:cacheprovider",
-            *recipe.pytest_args]
+    base = [sys.executable, "-m", "pytest", *pytest_argv(recipe)]
 
     def timed(extra: list[str]) -> float:
         start = time.perf_counter()

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sandhop.datasets import traces
-from sandhop.datasets.suites import SUITES, SuiteRecipe
+from sandhop.datasets.suites import SUITES, SuiteRecipe, pip_install_args, pytest_argv
 from sandhop.enforcement.boot import make_boot_dir
 from sandhop.enforcement.plugin import SPOOL_DIRNAME
 
@@ -100,26 +100,16 @@ def make_venv(recipe: SuiteRecipe, src: Path, work: Path, log: Path) -> Path:
     venv = work / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], log=log, what="creating the virtualenv")
     python = venv / "bin" / "python"
-    target = f"{src}[{','.join(recipe.extras)}]" if recipe.extras else str(src)
-    packages = ([target] if recipe.install_from_source else []) + list(recipe.requirements)
-    _run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages],
+    _run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+          *pip_install_args(recipe, str(src))],
          log=log, what=f"installing {recipe.spec} and its test requirements")
     return python
 
 
 def pytest_command(recipe: SuiteRecipe, python: str | Path, out: Path, *, load_plugin: bool) -> list[str]:
     """`load_plugin`: the interpreter has no sandhop installed, so name the plugin explicitly."""
-    cmd = [str(python), "-m", "pytest", *recipe.test_paths,
-           *(["-p", "sandhop.enforcement.plugin"] if load_plugin else []), "--sandhop-record", str(out), "--sandhop-suite", recipe.spec,
-           "-p", "no:cacheprovider", "-q", *recipe.pytest_args]
-    for d in recipe.deselect:
-        if d.target.startswith("k:"):
-            cmd += ["-k", d.target[2:]]
-        elif d.target.endswith(("/", ".py")) and "::" not in d.target:
-            cmd += ["--ignore", d.target]
-        else:
-            cmd += ["--deselect", d.target]
-    return cmd
+    return [str(python), "-m", "pytest", *(["-p", "sandhop.enforcement.plugin"] if load_plugin else []),
+            "--sandhop-record", str(out), "--sandhop-suite", recipe.spec, *pytest_argv(recipe)]
 
 
 def run_suite(recipe: SuiteRecipe, src: Path, python: str | Path, out: Path, log: Path, *,
@@ -136,6 +126,7 @@ def run_suite(recipe: SuiteRecipe, src: Path, python: str | Path, out: Path, log
     if isolated:
         boot = make_boot_dir(log.parent / "sandhop-boot")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(boot / "pkg"), env.get("PYTHONPATH", "")) if p)
+    runs_before = set(out.glob("suite=*/run-*.parquet"))
     spools_before = set((out / SPOOL_DIRNAME).glob("*"))
     cmd = pytest_command(recipe, python, out, load_plugin=isolated)
     started = time.time()
@@ -145,14 +136,17 @@ def run_suite(recipe: SuiteRecipe, src: Path, python: str | Path, out: Path, log
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:])
         raise RecordError(f"pytest could not run the {recipe.spec} suite (exit {proc.returncode}); "
                           f"log: {log}\n{tail}")
-    new = sorted(set((out / SPOOL_DIRNAME).glob("*")) - spools_before)
-    if not new:
-        raise RecordError(f"the recorder wrote no spool under {out / SPOOL_DIRNAME}; log: {log}")
-    spool = new[-1]
-    run_info = json.loads((spool / "run.json").read_text())
-    trace = traces.convert_spool(spool, out)
+    # Where sandhop (with pyarrow) ran the tests, the plugin converted the trace itself; in a
+    # throwaway venv it left the spool for us.
+    for spool in sorted(set((out / SPOOL_DIRNAME).glob("*")) - spools_before):
+        traces.convert_spool(spool, out)
+        shutil.rmtree(spool)
+    new = sorted(set(out.glob("suite=*/run-*.parquet")) - runs_before)
+    if len(new) != 1:
+        raise RecordError(f"expected one new trace under {out}, found {len(new)}; log: {log}")
+    trace = new[0]
+    run_info = traces.read_run_info(trace)
     table = traces.read_traces(trace)
-    shutil.rmtree(spool)
     row = {
         "suite": recipe.spec, "name": recipe.name, "version": recipe.version,
         "run_id": run_info["run_id"], "trace": str(trace.relative_to(out)),

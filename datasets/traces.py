@@ -40,6 +40,7 @@ from sandhop.enforcement.events import (
 VERSION_KEY = "sandhop.schema_version"
 SUITE_KEY = "sandhop.suite"
 RUN_ID_KEY = "sandhop.run_id"
+RUN_INFO_KEY = "sandhop.run"
 
 _TYPES: dict[str, pa.DataType] = {
     "category": pa.string(), "op": pa.string(), "target": pa.string(),
@@ -259,8 +260,10 @@ def trace_path(root: str | os.PathLike, suite: str, run_id: str) -> Path:
     return Path(root) / f"suite={quote(suite, safe='')}" / f"run-{quote(run_id, safe='')}.parquet"
 
 
-def write_trace(table: pa.Table, root: str | os.PathLike, *, suite: str, run_id: str) -> Path:
-    """Validate and write one run, atomically, never replacing a stored run.
+def write_trace(table: pa.Table, root: str | os.PathLike, *, suite: str, run_id: str,
+                run_info: dict | None = None) -> Path:
+    """Validate and write one run, atomically, never replacing a stored run. `run_info` (the
+    recorder's run.json: command line, interpreter, outcome counts) is kept in the metadata.
 
     The file appears complete or not at all (temp file in the same folder, fsync, os.replace), so
     a reader never sees half a run and a caller may delete its source once this returns.
@@ -278,7 +281,8 @@ def write_trace(table: pa.Table, root: str | os.PathLike, *, suite: str, run_id:
                                     f"run is written as {name}={value!r}",
                              f"set {name} on every event to the value passed to write_trace")
     table = table.replace_schema_metadata(
-        {**TRACE_SCHEMA.metadata, SUITE_KEY.encode(): suite.encode(), RUN_ID_KEY.encode(): run_id.encode()})
+        {**TRACE_SCHEMA.metadata, SUITE_KEY.encode(): suite.encode(), RUN_ID_KEY.encode(): run_id.encode(),
+         RUN_INFO_KEY.encode(): json.dumps(run_info or {}).encode()})
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
@@ -461,7 +465,16 @@ def convert_spool(spool_dir: str | os.PathLike, root: str | os.PathLike) -> Path
         raise FileExistsError(f"{path}: run {run['run_id']!r} of suite {run['suite']!r} is already "
                               f"stored; the spool {spool_dir} was converted before")
     table = spool_to_table(spool_dir)
-    return write_trace(table, root, suite=run["suite"], run_id=run["run_id"])
+    return write_trace(table, root, suite=run["suite"], run_id=run["run_id"], run_info=run)
+
+
+def read_run_info(path: str | os.PathLike) -> dict:
+    """The recorder's description of one stored run (empty for runs written without one)."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as e:
+        raise TraceError(path, f"cannot be read as Parquet ({e})", "re-record the suite") from e
+    return json.loads(meta.get(RUN_INFO_KEY.encode(), b"{}"))
 
 
 def _read_run_json(path: Path) -> dict:
