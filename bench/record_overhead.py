@@ -50,7 +50,7 @@ def main() -> None:
     for i in range(args.rounds):
         out = work / f"trace-{i}"
         plain.append(timed([]))
-        recorded.append(timed(["--sandhop-record", str(out), "--sandhop-suite", recipe.spec]))
+        recorded.append(timed([f"--sandhop-record={out}", f"--sandhop-suite={recipe.spec}"]))
         shutil.rmtree(out, ignore_errors=True)
         print(f"round {i + 1}/{args.rounds}: plain {plain[-1]:.2f}s  recorded {recorded[-1]:.2f}s", flush=True)
     shutil.rmtree(work, ignore_errors=True)

@@ -107,9 +107,14 @@ def make_venv(recipe: SuiteRecipe, src: Path, work: Path, log: Path) -> Path:
 
 
 def pytest_command(recipe: SuiteRecipe, python: str | Path, out: Path, *, load_plugin: bool) -> list[str]:
-    """`load_plugin`: the interpreter has no sandhop installed, so name the plugin explicitly."""
-    return [str(python), "-m", "pytest", *(["-p", "sandhop.enforcement.plugin"] if load_plugin else []),
-            "--sandhop-record", str(out), "--sandhop-suite", recipe.spec, *pytest_argv(recipe)]
+    """`load_plugin`: the interpreter has no sandhop installed, so name the plugin explicitly.
+
+    Option values are joined with `=`: pytest looks for its ini file above every argument that
+    is an existing path, and the trace folder must not lend the suite another project's config.
+    """
+    return [str(python), "-m", "pytest", *pytest_argv(recipe),
+            *(["-p", "sandhop.enforcement.plugin"] if load_plugin else []),
+            f"--sandhop-record={out}", f"--sandhop-suite={recipe.spec}"]
 
 
 def run_suite(recipe: SuiteRecipe, src: Path, python: str | Path, out: Path, log: Path, *,

@@ -281,6 +281,35 @@ class _TracedEnviron(os._Environ):
             _active.env_read("*", "environ.copy")
         return {self.decodekey(k): self.decodevalue(v) for k, v in self._data.items()}
 
+    # Whole-environment writes (a fixture that clears and restores the environment around every
+    # test) are one event, not one per variable.
+    def clear(self):
+        with _bulk_write("environ.clear", len(self._data)):
+            super().clear()
+
+    def update(self, other=(), /, **kwds):
+        size = (len(other) if hasattr(other, "__len__") else 0) + len(kwds)
+        with _bulk_write("environ.update", size):
+            super().update(other, **kwds)
+
+
+class _bulk_write:
+    def __init__(self, op: str, size: int) -> None:
+        self.op, self.size, self.tracer, self.was_busy = op, size, _active, False
+
+    def __enter__(self) -> None:
+        t = self.tracer
+        if t is None or not t.enabled:
+            return
+        self.was_busy = getattr(t._tls, "busy", False)
+        if not self.was_busy:
+            t._tls.busy = True
+            t.emit("env.write", self.op, "*", f"{self.size} names")
+
+    def __exit__(self, *exc) -> None:
+        if self.tracer is not None and not self.was_busy:
+            self.tracer._tls.busy = False
+
 
 # --------------------------------------------------------------------------- decoders
 # Each takes (tracer, audit event name, args) and emits zero or more events.

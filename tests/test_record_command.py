@@ -20,7 +20,7 @@ def test_record_downloads_installs_runs_and_appends_a_manifest_row(tmp_path):
     assert row["suite"] == "markupsafe==3.0.4" and row["tests"]["passed"] > 50
     assert row["python"].startswith(f"{sys.version_info.major}.{sys.version_info.minor}")
     assert row["events"] > 0 and sum(row["events_by_category"].values()) == row["events"]
-    assert row["command"].startswith("python -m pytest") and "--sandhop-record $OUT" in row["command"]
+    assert row["command"].startswith("python -m pytest") and "--sandhop-record=$OUT" in row["command"]
     table = traces.read_traces(out / row["trace"])
     assert set(table.column("suite").to_pylist()) == {"markupsafe==3.0.4"}
     # The venv's own paths are spelled portably, not as the throwaway folder they lived in.

@@ -77,6 +77,9 @@ OPERATIONS = """
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "canary")
         assert os.environ["AWS_SECRET_ACCESS_KEY"] == "canary"
         os.environ.get("HARMLESS_SETTING")
+        saved = os.environ.copy()
+        os.environ.clear()
+        os.environ.update(saved)
 """
 
 
@@ -157,6 +160,10 @@ def test_secret_env_read_recorded_and_harmless_one_not(operations):
     assert ("AWS_SECRET_ACCESS_KEY", "env.secret") in reads
     assert not any(t == "HARMLESS_SETTING" for t, _ in reads)
     assert "AWS_SECRET_ACCESS_KEY" in writes
+    # Clearing and restoring the whole environment is one event each, not one per variable.
+    bulk = {(r["op"], r["target"]) for r in env if r["category"] == "env.write" and r["target"] == "*"}
+    assert bulk == {("environ.clear", "*"), ("environ.update", "*")}
+    assert "PATH" not in writes and ("*", "env.secret") in reads
 
 
 def test_conftest_events_are_captured_at_collection(operations):

@@ -1,0 +1,47 @@
+"""The per-suite table of the dataset card, rendered from the manifest and the traces themselves.
+
+    python -m sandhop.datasets.card datasets/data/traces
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from sandhop.datasets import traces
+
+SHORT = {"fs.read": "fs.r", "fs.write": "fs.w", "fs.delete": "fs.d", "fs.meta": "fs.m",
+         "net.dns": "dns", "net.connect": "conn", "net.bind": "bind", "net.send": "send",
+         "proc.spawn": "spawn", "proc.signal": "sig", "env.read": "env.r", "env.write": "env.w",
+         "code.import": "import", "code.native": "native", "code.exec": "exec", "sys.tamper": "tamper"}
+
+
+def render_table(root: Path) -> str:
+    rows = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    cats = [c for c in SHORT if any(r["events_by_category"].get(c) for r in rows)]
+    head = ["suite", "tests (pass/fail/skip/err)", "deselected", "tests with events", "events",
+            "wall s", *(SHORT[c] for c in cats)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    totals = Counter()
+    for r in sorted(rows, key=lambda r: r["suite"]):
+        table = traces.read_traces(root / r["trace"])
+        with_events = len({t for t, p in zip(table.column("test_id").to_pylist(), table.column("phase").to_pylist())
+                           if t and p in ("setup", "call", "teardown")})
+        t = r["tests"]
+        n = sum(t.values())
+        totals.update(tests=n, events=r["events"], with_events=with_events)
+        totals.update({c: r["events_by_category"].get(c, 0) for c in cats})
+        outcome = f"{n:,} ({t.get('passed', 0)}/{t.get('failed', 0)}/{t.get('skipped', 0)}/{t.get('error', 0)})"
+        lines.append("| " + " | ".join([r["suite"], outcome, str(len(r["deselected"])), f"{with_events:,}",
+                                         f"{r['events']:,}", f"{r['wall_s']:.0f}",
+                                         *(f"{r['events_by_category'].get(c, 0):,}" for c in cats)]) + " |")
+    lines.append("| " + " | ".join([f"**{len(rows)} suites**", f"**{totals['tests']:,}**", "",
+                                     f"**{totals['with_events']:,}**", f"**{totals['events']:,}**", "",
+                                     *(f"{totals[c]:,}" for c in cats)]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render_table(Path(sys.argv[1] if len(sys.argv) > 1 else "datasets/data/traces")))

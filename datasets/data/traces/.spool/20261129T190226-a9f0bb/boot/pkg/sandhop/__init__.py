@@ -1,0 +1,1 @@
+"""Copy of sandhop for traced children."""

@@ -1,0 +1,1 @@
+"""Copy of sandhop.enforcement for traced children."""

@@ -1,0 +1,181 @@
+"""The sandhop pytest plugin: `--sandhop-record DIR` records a trace of the test run.
+
+Inert unless one of its options is given. The audit hook goes in before conftest files are
+loaded, so import-time and collection-time events are captured (phase `collect`, attributed to
+the collector being collected); then every event is attributed to the running test's node id and
+phase. The trace is spooled as JSON lines while the tests run and converted to Parquet at the
+end (that needs pyarrow; without it the spool is kept and `sandhop trace convert` finishes it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from sandhop.enforcement import events as ev
+from sandhop.enforcement.boot import make_boot_dir
+from sandhop.enforcement.tracer import Tracer
+
+SPOOL_DIRNAME = ".spool"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("sandhop", "sandhop: record and sandbox what tests do")
+    group.addoption("--sandhop-record", metavar="DIR", default=None,
+                    help="record a trace of this run (every file, network, process, import, "
+                         "native-code and env event) into the Parquet dataset DIR")
+    group.addoption("--sandhop-suite", metavar="NAME==VERSION", default=None,
+                    help="suite name stored with the trace (default: <rootdir name>==local)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser, args) -> None:
+    ns = early_config.known_args_namespace
+    out = getattr(ns, "sandhop_record", None)
+    if not out:
+        return
+    suite = ns.sandhop_suite or f"{Path(early_config.invocation_params.dir).name}==local"
+    recorder = Recorder(Path(out), suite, list(early_config.invocation_params.args))
+    early_config.pluginmanager.register(recorder, "sandhop-recorder")
+    recorder.start()
+
+
+class Recorder:
+    """Owns one recording: the tracer of the pytest process, the spool and the outcomes."""
+
+    def __init__(self, out: Path, suite: str, argv: list[str]) -> None:
+        self.out = out.resolve()
+        self.suite = suite
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+        self.spool = self.out / SPOOL_DIRNAME / self.run_id
+        self.argv = argv
+        self.outcomes: dict[str, str] = {}
+        self.result_path: Path | None = None
+        self.error: str | None = None
+        self.started = time.time()
+
+    def start(self) -> None:
+        self.spool.mkdir(parents=True, exist_ok=True)
+        boot = make_boot_dir(self.spool / "boot")
+        self._write_run_json(status="recording")
+        self._outcomes_fd = os.open(self.spool / "outcomes.jsonl",
+                                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self.tracer = Tracer(str(self.spool), time.monotonic_ns(), ev.Roots.current(),
+                             phase="collect", boot_dir=str(boot))
+        # Children inherit these through the C environment; os.environ (what tests see) is untouched.
+        for key, value in self.tracer.child_environment().items():
+            os.putenv(key, value)
+        pythonpath = os.environ.get("PYTHONPATH")
+        os.putenv("PYTHONPATH", os.pathsep.join([str(boot)] + ([pythonpath] if pythonpath else [])))
+        self.tracer.install()
+
+    def _write_run_json(self, **extra) -> None:
+        info = {"run_id": self.run_id, "suite": self.suite, "argv": self.argv,
+                "python": platform.python_version(), "implementation": sys.implementation.name,
+                "platform": platform.platform(), "started": self.started,
+                "schema_version": ev.SCHEMA_VERSION, **extra}
+        (self.spool / "run.json").write_text(json.dumps(info, indent=1))
+
+    # ----------------------------------------------------------------- attribution
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_make_collect_report(self, collector):
+        previous = (self.tracer.test_id, self.tracer.phase)
+        self.tracer.set_context(collector.nodeid, "collect")
+        yield
+        self.tracer.set_context(*previous)
+
+    def _during(self, item, phase: str):
+        self.tracer.set_context(item.nodeid, phase)
+        yield
+        self.tracer.set_context("", "session")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_setup(self, item):
+        yield from self._during(item, "setup")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item):
+        yield from self._during(item, "call")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_teardown(self, item):
+        yield from self._during(item, "teardown")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_collection(self, session):
+        yield
+        self.tracer.set_context("", "session")
+
+    # ----------------------------------------------------------------- outcomes
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        outcome = _outcome(report)
+        if outcome is None:
+            return
+        self.outcomes[report.nodeid] = outcome
+        line = json.dumps({"test_id": report.nodeid, "outcome": outcome}) + "\n"
+        busy = getattr(self.tracer._tls, "busy", False)
+        self.tracer._tls.busy = True
+        try:
+            os.write(self._outcomes_fd, line.encode())
+        finally:
+            self.tracer._tls.busy = busy
+
+    # ----------------------------------------------------------------- finish
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session, exitstatus) -> None:
+        self.tracer.set_context("", "session")
+        self.tracer.stop()
+        os.close(self._outcomes_fd)
+        counts: dict[str, int] = {}
+        for outcome in self.outcomes.values():
+            counts[outcome] = counts.get(outcome, 0) + 1
+        self._write_run_json(status="finished", exitstatus=int(exitstatus), outcomes=counts,
+                             wall_s=round(time.time() - self.started, 3),
+                             decode_failures=self.tracer.dropped)
+        try:
+            from sandhop.datasets import traces
+        except ImportError as exc:  # base install (no pyarrow) or a throwaway venv
+            self.error = (f"the trace stays spooled in {self.spool} because Parquet support is not "
+                          f"importable here ({exc}); finish it with: sandhop trace convert {self.spool} {self.out}")
+            return
+        try:
+            # The suite's own warning filters (often "error") must not turn ours into failures.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self.result_path = traces.convert_spool(self.spool, self.out)
+        except Exception as exc:  # keep the spool: nothing recorded is lost
+            self.error = f"could not convert the spool {self.spool}: {exc}"
+            return
+        self.notes = [str(w.message) for w in caught]
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        tr = terminalreporter
+        for note in getattr(self, "notes", []):
+            tr.write_line(f"sandhop: {note}", yellow=True)
+        if self.result_path is not None:
+            tr.write_line(f"sandhop: recorded {self.suite} ({len(self.outcomes)} tests) into {self.result_path}")
+        elif self.error:
+            tr.write_line(f"sandhop: {self.error}", yellow=True)
+
+
+def _outcome(report: pytest.TestReport) -> str | None:
+    """The test's outcome as far as this report tells (None: this report changes nothing)."""
+    if report.when == "setup":
+        if report.skipped:
+            return "skipped"
+        return "error" if report.failed else None
+    if report.when == "call":
+        if report.failed:
+            return "failed"
+        return "skipped" if report.skipped else "passed"
+    return "error" if report.failed else None
