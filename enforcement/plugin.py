@@ -140,7 +140,8 @@ class Recorder:
             counts[outcome] = counts.get(outcome, 0) + 1
         self._write_run_json(status="finished", exitstatus=int(exitstatus), outcomes=counts,
                              wall_s=round(time.time() - self.started, 3),
-                             decode_failures=self.tracer.dropped)
+                             decode_failures=self.tracer.decode_failures,
+                             lost_events=self.tracer.lost_events)
         try:
             from sandhop.datasets import traces
         except ImportError as exc:  # base install (no pyarrow) or a throwaway venv
@@ -160,6 +161,9 @@ class Recorder:
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         tr = terminalreporter
+        if self.tracer.lost_events:
+            tr.write_line(f"sandhop: {self.tracer.lost_events} events of this process could not be "
+                          f"written to {self.spool} (disk full?); the trace is incomplete", red=True)
         for note in getattr(self, "notes", []):
             tr.write_line(f"sandhop: {note}", yellow=True)
         if self.result_path is not None:

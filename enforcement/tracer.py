@@ -34,7 +34,6 @@ ENV_TEST = "SANDHOP_TEST_ID"
 ENV_PHASE = "SANDHOP_PHASE"
 ENV_BOOT = "SANDHOP_BOOT"
 ENV_CWD = "SANDHOP_CWD"
-TRACE_ENV = (ENV_SPOOL, ENV_T0, ENV_TEST, ENV_PHASE, ENV_BOOT, ENV_CWD)
 
 FLUSH_EVERY = 512
 # Bookkeeping of the test runner itself, not of the code under test.
@@ -60,7 +59,8 @@ class Tracer:
         self.test_id = test_id
         self.phase = phase
         self.enabled = False
-        self.dropped = 0
+        self.decode_failures = 0
+        self.lost_events = 0
         self.flush_every = FLUSH_EVERY
         self._tls = threading.local()
         self._lock = threading.Lock()
@@ -160,14 +160,15 @@ class Tracer:
     def _flush_locked(self) -> None:
         if not self._buf or self._fd < 0:
             return
-        data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in self._buf)
-        self._buf = []
+        rows, self._buf = self._buf, []
+        data = memoryview("".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows).encode())
         busy = getattr(self._tls, "busy", False)
         self._tls.busy = True
         try:
-            os.write(self._fd, data.encode("utf-8", "surrogateescape"))
-        except OSError:
-            self.dropped += 1
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError:  # disk full or the spool removed: counted and reported, never raised
+            self.lost_events += len(rows)
         finally:
             self._tls.busy = busy
 
@@ -183,7 +184,7 @@ class Tracer:
         try:
             handler(self, event, args)
         except Exception:  # a decoding failure must never break the traced program
-            self.dropped += 1
+            self.decode_failures += 1
         finally:
             tls.busy = False
 

@@ -64,6 +64,9 @@ def test_dataset_size_limit():
     assert total <= 30 * 1024 * 1024
 
 
-def test_recipes_cover_the_recorded_suites(manifest):
+def test_manifest_matches_the_recipes(manifest):
+    # A recipe changed after its suite was recorded means the shipped trace is stale: re-record it.
     for row in manifest:
-        assert row["name"] in SUITES
+        recipe = SUITES[row["name"]]
+        assert row["version"] == recipe.version
+        assert row["deselected"] == [{"target": d.target, "reason": d.reason} for d in recipe.deselect]
