@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from sandhop import __version__
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Our warnings are messages for the user, not for a developer: no source line.
+    warnings.formatwarning = lambda message, category, *_a, **_k: f"sandhop: {message}\n"
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -128,6 +128,12 @@ def run_suite(recipe: SuiteRecipe, src: Path, python: str | Path, out: Path, log
     env = dict(os.environ)
     env.update(extra_env or {})
     env.pop("PYTEST_ADDOPTS", None)
+    # A fresh temp root: ${tmp} paths come out the same on every recording, and pytest does not
+    # spend the first test cleaning up basetemp folders other runs left behind.
+    tmp = log.parent / "tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    env["TMPDIR"] = str(tmp)
     if isolated:
         boot = make_boot_dir(log.parent / "sandhop-boot")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(boot / "pkg"), env.get("PYTHONPATH", "")) if p)

@@ -226,6 +226,21 @@ DECODING = """
         sys.addaudithook(lambda *a: None)
         sys.setprofile(None)
         open(os.path.expanduser("~/.ssh/id_rsa_sandhop_canary"), "a").close()
+        os.chown(tmp_path / "b", -1, -1)
+        (tmp_path / "tree").mkdir()
+        shutil.move(tmp_path / "d", tmp_path / "tree" / "d")
+        shutil.rmtree(tmp_path / "tree")
+        unix = socket.socket(socket.AF_UNIX)
+        unix.bind(str(tmp_path / "sock"))
+        unix.close()
+        pair = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        pair.sendmsg([b"x"], [], 0, ("127.0.0.1", 9))
+        pair.close()
+        socket.gethostbyaddr("127.0.0.1")
+        pid = os.fork()
+        if pid == 0:
+            os.execv("/bin/true", ["true"])
+        os.waitpid(pid, 0)
 """
 
 
@@ -248,11 +263,18 @@ def test_audit_event_decoding(monkeypatch, tmp_path):
         ("env.write", "os.putenv", "env"), ("env.write", "os.unsetenv", "env"),
         ("code.exec", "compile", "string"), ("code.exec", "exec", "string"),
         ("sys.tamper", "sys.addaudithook", "interpreter"), ("sys.tamper", "sys.setprofile", "interpreter"),
-        ("fs.write", "open", "home.secret"),
+        ("fs.write", "open", "home.secret"), ("fs.meta", "os.chown", "tmp"),
+        ("fs.write", "shutil.move", "tmp"), ("fs.delete", "shutil.move", "tmp"),
+        ("fs.delete", "shutil.rmtree", "tmp"), ("net.bind", "socket.bind", "unix"),
+        ("net.send", "socket.sendmsg", "loopback"), ("net.dns", "socket.gethostbyaddr", "loopback"),
+        ("proc.spawn", "os.fork", "python"), ("proc.spawn", "os.exec", "system"),
     }
     assert expected <= got, sorted(expected - got)
     sendto = where(rows, category="net.send", op="socket.sendto")[0]
     assert sendto["target"] == "127.0.0.1:9" and sendto["detail"] == "udp"
+    (execed,) = where(rows, category="proc.spawn", op="os.exec")
+    (forked,) = where(rows, category="proc.spawn", op="os.fork")
+    assert execed["ppid"] == forked["pid"] and execed["target"].endswith("/true")
     secret = where(rows, category="fs.write", target_class="home.secret")[0]
     assert secret["target"] == "${home}/.ssh/id_rsa_sandhop_canary"
     assert "sensitive_data_access" in secret["tags"]
