@@ -7,7 +7,7 @@ are reused unless `--force`.
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import shutil
 import sys
 from importlib import resources
@@ -24,15 +24,13 @@ def bundled_sdists() -> dict[str, Path]:
 
 def run_demo(out: Path, *, suite: str = "click", force: bool = False, progress=print) -> int:
     from sandhop.datasets import traces
-    from sandhop.datasets.record import MANIFEST, recipe_for, run_suite, unpack_sdist
+    from sandhop.datasets.record import read_manifest, recipe_for, run_suite, unpack_sdist
 
     sdists = bundled_sdists()
     if suite not in sdists:
         raise ValueError(f"no bundled suite {suite!r}; bundled: {', '.join(sdists) or 'none'}")
-    try:
-        import pytest  # noqa: F401
-    except ImportError as exc:
-        raise ImportError("pytest", name="pytest") from exc
+    if importlib.util.find_spec("pytest") is None:
+        raise ImportError("the demo runs a test suite and needs pytest", name="pytest")
     archive = sdists[suite]
     spec = archive.name[: -len(".tar.gz")].replace("-", "==", 1)
     recipe = recipe_for(spec)
@@ -40,7 +38,8 @@ def run_demo(out: Path, *, suite: str = "click", force: bool = False, progress=p
     trace_root = out / "traces"
     progress(f"sandhop demo -> {out}")
 
-    existing = _manifest_row(trace_root / MANIFEST, recipe.spec)
+    existing = next((r for r in reversed(read_manifest(trace_root))
+                     if r["suite"] == recipe.spec and (trace_root / r["trace"]).exists()), None)
     if existing and not force:
         progress(f"[1/2] reusing the recording of {recipe.spec} ({existing['trace']}); --force redoes it")
         row = existing
@@ -64,11 +63,3 @@ def run_demo(out: Path, *, suite: str = "click", force: bool = False, progress=p
           f"{row['events']} events, {row['wall_s']} s under the recorder")
     print(f"trace: {trace_root / row['trace']}")
     return 0
-
-
-def _manifest_row(manifest: Path, spec: str) -> dict | None:
-    if not manifest.exists():
-        return None
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("suite") == spec and (manifest.parent / r["trace"]).exists()]
-    return rows[-1] if rows else None

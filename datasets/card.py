@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from pathlib import Path
 
 from sandhop.datasets import traces
+from sandhop.datasets.record import read_manifest
 
 SHORT = {"fs.read": "fs.r", "fs.write": "fs.w", "fs.delete": "fs.d", "fs.meta": "fs.m",
          "net.dns": "dns", "net.connect": "conn", "net.bind": "bind", "net.send": "send",
@@ -19,7 +19,7 @@ SHORT = {"fs.read": "fs.r", "fs.write": "fs.w", "fs.delete": "fs.d", "fs.meta": 
 
 
 def render_table(root: Path) -> str:
-    rows = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_manifest(root)
     cats = [c for c in SHORT if any(r["events_by_category"].get(c) for r in rows)]
     head = ["suite", "tests (pass/fail/skip/err)", "deselected", "tests with events", "events",
             "wall s", *(SHORT[c] for c in cats)]

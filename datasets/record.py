@@ -42,6 +42,14 @@ class RecordResult:
     manifest_row: dict
 
 
+def read_manifest(root: Path) -> list[dict]:
+    """The rows of a dataset's manifest, oldest first (empty if there is none yet)."""
+    path = Path(root) / MANIFEST
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def recipe_for(spec: str) -> SuiteRecipe:
     """The recipe for NAME==VERSION: the known one, or a generic one for other suites."""
     name, sep, version = spec.partition("==")
@@ -183,7 +191,7 @@ def record(spec: str, out: Path, *, keep: bool = False, progress=print) -> Recor
     try:
         progress(f"[1/4] downloading the sdist of {recipe.spec}")
         src = fetch_sdist(recipe, work, log)
-        progress(f"[2/4] installing it and its test requirements into a throwaway venv")
+        progress("[2/4] installing it and its test requirements into a throwaway venv")
         python = make_venv(recipe, src, work, log)
         progress(f"[3/4] running its tests under the recorder (log: {log})")
         result = run_suite(recipe, src, python, out, log, isolated=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from importlib import resources
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sandhop.datasets import traces
+from sandhop.datasets.record import read_manifest
 from sandhop.datasets.suites import SUITES
 
 DATA = Path(str(resources.files("sandhop.datasets") / "data"))
@@ -20,7 +20,9 @@ ALLOWED = {"attrs", "click", "packaging", "jinja2", "markupsafe", "werkzeug", "f
 
 @pytest.fixture(scope="module")
 def manifest() -> list[dict]:
-    return [json.loads(line) for line in (TRACES / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_manifest(TRACES)
+    assert rows, f"{TRACES} has no manifest: record the dataset (datasets/README.md)"
+    return rows
 
 
 @pytest.fixture(scope="module")

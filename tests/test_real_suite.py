@@ -36,8 +36,8 @@ def run_click(src: Path, junit: Path, *extra: str) -> subprocess.CompletedProces
 
 def test_recording_does_not_change_results(click_src, tmp_path):
     plain = run_click(click_src, tmp_path / "plain.xml")
-    recorded = run_click(click_src, tmp_path / "rec.xml", "--sandhop-record", str(tmp_path / "trace"),
-                         "--sandhop-suite", "click==8.5.1")
+    recorded = run_click(click_src, tmp_path / "rec.xml", f"--sandhop-record={tmp_path / 'trace'}",
+                         "--sandhop-suite=click==8.5.1")
     assert plain.returncode == recorded.returncode == 0, recorded.stdout[-2000:]
     before, after = outcomes(tmp_path / "plain.xml"), outcomes(tmp_path / "rec.xml")
     assert len(before) > 2000
