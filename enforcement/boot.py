@@ -16,10 +16,14 @@ from pathlib import Path
 
 _MODULES = ("events.py", "tracer.py", "plugin.py", "boot.py")
 
+MARKER = ".sandhop-boot"
+
 SITECUSTOMIZE = '''\
 # sandhop recorder bootstrap: generated, safe to delete after the run.
 import os as _os
 import sys as _sys
+
+MARKER = "@MARKER@"
 
 
 def _sandhop_start():
@@ -31,6 +35,15 @@ def _sandhop_start():
         _sys.path.append(_os.path.join(_os.path.dirname(__file__), "pkg"))
         from sandhop.enforcement import tracer
     tracer.install_from_env()
+
+
+def _forget_boot_dirs():
+    """Take sandhop's folders back off sys.path: a recorded test must see the sys.path it would
+    see unrecorded (some compare it). The modules are loaded; nothing needs the folders now."""
+    def is_boot(p):
+        p = _os.path.abspath(p or ".")
+        return any(_os.path.isfile(_os.path.join(d, MARKER)) for d in (p, _os.path.dirname(p)))
+    _sys.path[:] = [p for p in _sys.path if not is_boot(p)]
 
 
 def _chain():
@@ -49,8 +62,9 @@ try:
     _sandhop_start()
 except Exception as _exc:  # tracing must never stop the child from running
     _sys.stderr.write(f"sandhop: tracing disabled in pid {_os.getpid()}: {_exc!r}\\n")
+_forget_boot_dirs()
 _chain()
-'''
+'''.replace("@MARKER@", MARKER)
 
 
 def make_boot_dir(boot_dir: str | os.PathLike) -> Path:
@@ -64,4 +78,5 @@ def make_boot_dir(boot_dir: str | os.PathLike) -> Path:
     (pkg / "__init__.py").write_text('"""Copy of sandhop.enforcement for traced children."""\n')
     (pkg.parent / "__init__.py").write_text('"""Copy of sandhop for traced children."""\n')
     (boot / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (boot / MARKER).write_text("a sandhop recorder bootstrap folder\n")
     return boot

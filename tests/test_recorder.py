@@ -58,6 +58,12 @@ OPERATIONS = """
         code = f"print(open({str(data)!r}).read())"
         out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
         assert out.stdout.strip() == "child reads me"
+        # The child is traced, yet its sys.path holds none of the recorder's folders.
+        shown = subprocess.run([sys.executable, "-c", "import sys; print(repr(sys.path))"],
+                               check=True, capture_output=True, text=True).stdout
+        marked = [p for p in eval(shown) if any(os.path.exists(os.path.join(d, ".sandhop-boot"))
+                                                for d in (p or ".", os.path.dirname(p or ".")))]
+        assert not marked, marked
 
     def test_server_child():
         code = ("import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
