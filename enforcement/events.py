@@ -129,7 +129,7 @@ class Roots:
     site: tuple[str, ...]
     stdlib: str
     python: str
-    base_python: str = ""  # the interpreter a venv was made from; also spelled ${python}
+    other_pythons: tuple[str, ...] = ()  # a venv's base interpreter, a parent's venv: also ${python}
 
     @classmethod
     def current(cls, home: str | None = None, cwd: str | None = None) -> "Roots":
@@ -143,14 +143,24 @@ class Roots:
             site=tuple(sorted(site)),
             stdlib=os.path.realpath(paths["stdlib"]),
             python=os.path.realpath(sys.prefix),
-            base_python=os.path.realpath(sys.base_prefix),
+            other_pythons=(os.path.realpath(sys.base_prefix),),
         )
+
+    def inherit(self, parent: "Roots") -> "Roots":
+        """These roots, also knowing a parent process's interpreter and site folders (a test that
+        runs a freshly made venv still reads the recording venv's files)."""
+        from dataclasses import replace
+        site = tuple(sorted(set(self.site) | set(parent.site)))
+        pythons = tuple(p for p in dict.fromkeys((*self.other_pythons, parent.python, *parent.other_pythons))
+                        if p != self.python)
+        return replace(self, site=site, other_pythons=pythons)
 
     def prefixes(self) -> list[tuple[str, str]]:
         """(prefix, variable) pairs, longest prefix first, so the most specific one wins."""
         # On equal prefixes the earlier wins: a project checked out in HOME is still ${cwd}.
         pairs = [(self.cwd, "${cwd}"), (self.home, "${home}"), (self.tmp, "${tmp}"),
-                 (self.stdlib, "${stdlib}"), (self.python, "${python}"), (self.base_python, "${python}")]
+                 (self.stdlib, "${stdlib}"), (self.python, "${python}")]
+        pairs += [(p, "${python}") for p in self.other_pythons]
         pairs += [(s, "${site}") for s in self.site]
         pairs = [(p.rstrip("/") or "/", v) for p, v in pairs if p and p != "/"]
         return sorted(pairs, key=lambda pv: len(pv[0]), reverse=True)

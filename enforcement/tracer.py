@@ -15,6 +15,7 @@ C code calling getenv().
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 import secrets
@@ -34,6 +35,7 @@ ENV_TEST = "SANDHOP_TEST_ID"
 ENV_PHASE = "SANDHOP_PHASE"
 ENV_BOOT = "SANDHOP_BOOT"
 ENV_CWD = "SANDHOP_CWD"
+ENV_ROOTS = "SANDHOP_ROOTS"
 
 FLUSH_EVERY = 512
 # Bookkeeping of the test runner itself, not of the code under test.
@@ -69,7 +71,14 @@ class Tracer:
         self._fd = -1
         self._stable: dict[str, tuple[str, str]] = {}
         self.executed: set[int] = set()
-        self._stable_prefixes = tuple(p + "/" for p in (*roots.site, roots.stdlib, roots.python, roots.base_python) if p)
+        self._stable_prefixes = tuple(p + "/" for p in (*roots.site, roots.stdlib, roots.python, *roots.other_pythons) if p)
+        # The recorder's own folders (its spool, the copy of sandhop it runs from): touching
+        # them is the recorder's footprint, not the test's behaviour.
+        own = [os.path.realpath(spool_dir)]
+        copy_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if os.path.isfile(os.path.join(os.path.dirname(copy_root), ".sandhop-boot")):
+            own.append(os.path.realpath(os.path.dirname(copy_root)))
+        self._own = tuple(own)
         self._open_spool()
 
     # ----------------------------------------------------------------- lifecycle
@@ -79,6 +88,10 @@ class Tracer:
         if not spool:
             return None
         roots = ev.Roots.current(cwd=os.environ.get(ENV_CWD) or None)
+        parent = os.environ.get(ENV_ROOTS)
+        if parent:
+            roots = roots.inherit(ev.Roots(**{k: tuple(v) if isinstance(v, list) else v
+                                              for k, v in json.loads(parent).items()}))
         tracer = cls(spool, int(os.environ.get(ENV_T0) or time.monotonic_ns()), roots,
                      test_id=os.environ.get(ENV_TEST, ""), phase=os.environ.get(ENV_PHASE, "session"),
                      boot_dir=os.environ.get(ENV_BOOT, ""))
@@ -124,7 +137,8 @@ class Tracer:
     def child_environment(self) -> dict[str, str]:
         """The variables a child process needs to be traced and attributed to this test."""
         env = {ENV_SPOOL: self.spool_dir, ENV_T0: str(self.t0_ns), ENV_TEST: self.test_id,
-               ENV_PHASE: self.phase, ENV_CWD: self.roots.cwd}
+               ENV_PHASE: self.phase, ENV_CWD: self.roots.cwd,
+               ENV_ROOTS: json.dumps(dataclasses.asdict(self.roots))}
         if self.boot_dir:
             env[ENV_BOOT] = self.boot_dir
         return env
@@ -183,6 +197,8 @@ class Tracer:
         tls.busy = True
         try:
             handler(self, event, args)
+        except _OwnFootprint:
+            pass
         except Exception:  # a decoding failure must never break the traced program
             self.decode_failures += 1
         finally:
@@ -200,6 +216,8 @@ class Tracer:
         if hit is not None:
             return hit
         real = ev.normalise_path(s)
+        if any(real == d or real.startswith(d + "/") for d in self._own):
+            raise _OwnFootprint
         target = ev.portable_path(real, self.roots)
         result = (target, ev.path_class(target))
         # Only paths inside the interpreter's own tree are cached: elsewhere a symlink may change.
@@ -261,6 +279,10 @@ class Tracer:
             self.emit("env.read", op, key)
         finally:
             self._tls.busy = False
+
+
+class _OwnFootprint(Exception):
+    """Raised while decoding an event on the recorder's own files: the event is not recorded."""
 
 
 class _TracedEnviron(os._Environ):
