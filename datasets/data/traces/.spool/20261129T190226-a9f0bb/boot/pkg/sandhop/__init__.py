@@ -1,1 +1,0 @@
-"""Copy of sandhop for traced children."""

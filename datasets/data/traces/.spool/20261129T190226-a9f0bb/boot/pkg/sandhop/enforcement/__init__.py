@@ -1,1 +1,0 @@
-"""Copy of sandhop.enforcement for traced children."""
