@@ -41,6 +41,44 @@ def _cmd_trace_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_key(args: argparse.Namespace) -> bytes | None:
+    """The key named by --key-env; None lets the audit module read SANDHOP_AUDIT_KEY itself."""
+    import os
+    if args.key_env is None:
+        return None
+    value = os.environ.get(args.key_env)
+    if not value:
+        raise ValueError(f"--key-env {args.key_env}: that environment variable is not set (or is "
+                         "empty); export the audit key in it, or drop --key-env for an unkeyed log")
+    return value.encode()
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from sandhop.enforcement import audit
+    key = _audit_key(args)
+    passed = True
+    for log in dict.fromkeys(audit.log_base(p) for p in args.log):
+        try:
+            report = audit.verify(log, key=key)
+        except FileNotFoundError as exc:
+            print(f"sandhop audit: {exc}", file=sys.stderr)
+            passed = False
+            continue
+        print(report.format())
+        if report.ok and not report.sealed and args.require_seal:
+            print(f"  --require-seal: {log} has no seal")
+        passed = passed and report.passed(require_seal=args.require_seal)
+    return 0 if passed else 1
+
+
+def _cmd_audit_export(args: argparse.Namespace) -> int:
+    from sandhop.enforcement import audit
+    logs = list(dict.fromkeys(audit.log_base(p) for p in args.log))
+    out = audit.export(logs, Path(args.out), key=_audit_key(args), force=args.force)
+    print(f"wrote the decisions of {len(logs)} audit log(s) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sandhop", description="Dynamic, learned sandboxing of test execution.")
@@ -69,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("spool")
     q.add_argument("out")
     q.set_defaults(func=_cmd_trace_convert)
+
+    p = sub.add_parser("audit", help="verify audit logs of enforced runs, or export their decisions")
+    asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    q = asub.add_parser("verify", help="re-walk each log's hash chain; exit 1 on any edit, deletion, "
+                                       "reordering or truncation")
+    q.add_argument("log", nargs="+", metavar="LOG", help="a log's path (its .N segments and .head are found beside it)")
+    q.add_argument("--key-env", metavar="NAME", help="environment variable holding the HMAC key "
+                                                     "(default: SANDHOP_AUDIT_KEY, if set)")
+    q.add_argument("--require-seal", action="store_true",
+                   help="also fail a log whose writer did not close it (killed, crashed)")
+    q.set_defaults(func=_cmd_audit_verify)
+    q = asub.add_parser("export", help="write the decision records of logs as a trace dataset (Parquet)")
+    q.add_argument("log", nargs="+", metavar="LOG")
+    q.add_argument("--out", required=True, help="trace dataset folder (Parquet, partitioned by suite)")
+    q.add_argument("--key-env", metavar="NAME", help="environment variable holding the HMAC key "
+                                                     "(default: SANDHOP_AUDIT_KEY, if set)")
+    q.add_argument("--force", action="store_true", help="export even a log whose chain is broken")
+    q.set_defaults(func=_cmd_audit_export)
     return parser
 
 

@@ -59,6 +59,12 @@ TRACE_SCHEMA = pa.schema(
     metadata={VERSION_KEY: str(SCHEMA_VERSION)},
 )
 
+# Columns a trace may carry after the Event fields, never null: written by tools that know more
+# than the recorder (the audit export adds the policy rule that decided each row). Runs with and
+# without one read together; rows from a run without it get the blank value.
+OPTIONAL_COLUMNS: dict[str, pa.DataType] = {"rule": pa.string()}
+_OPTIONAL_BLANKS: dict[str, object] = {"rule": ""}
+
 # Closed vocabularies checked on every read: (column, allowed values).
 _VOCABULARIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("category", CATEGORIES), ("phase", PHASES), ("target_class", TARGET_CLASSES),
@@ -99,21 +105,23 @@ def validate_trace(table: pa.Table, source: str | os.PathLike = "trace table", *
     names = table.column_names
     duplicated = sorted({n for n in names if names.count(n) > 1})
     missing = [n for n in EVENT_FIELDS if n not in names]
-    unexpected = [n for n in names if n not in _TYPES]
+    unexpected = [n for n in names if n not in _TYPES and n not in OPTIONAL_COLUMNS]
     if duplicated or missing or unexpected:
         problems = [f"{label} column(s) {', '.join(cols)}" for label, cols in
                     (("duplicated", duplicated), ("missing", missing), ("unexpected", unexpected)) if cols]
         raise TraceError(source, "; ".join(problems),
                          f"a schema-v{SCHEMA_VERSION} trace has exactly the columns "
                          f"{', '.join(EVENT_FIELDS)}; re-record the suite with this sandhop")
-    wrong = [f"{n} is {table.schema.field(n).type}, expected {_TYPES[n]}"
-             for n in EVENT_FIELDS if not table.schema.field(n).type.equals(_TYPES[n])]
+    optional = [n for n in OPTIONAL_COLUMNS if n in names]
+    types = {**_TYPES, **OPTIONAL_COLUMNS}
+    wrong = [f"{n} is {table.schema.field(n).type}, expected {types[n]}"
+             for n in (*EVENT_FIELDS, *optional) if not table.schema.field(n).type.equals(types[n])]
     if wrong:
         raise TraceError(source, "wrong column type(s): " + "; ".join(wrong),
                          "the file was not written by sandhop's write_trace; re-record the suite "
                          "or cast the columns to TRACE_SCHEMA")
 
-    for name in EVENT_FIELDS:
+    for name in (*EVENT_FIELDS, *optional):
         if name != "risk" and table[name].null_count:
             row = _first_row(table[name], pc.is_null)
             if row is not None:
@@ -129,8 +137,11 @@ def validate_trace(table: pa.Table, source: str | os.PathLike = "trace table", *
                          "count is how many identical events a row stands for and must be >= 1")
 
     kept = {k: v for k, v in meta.items() if k in (SUITE_KEY.encode(), RUN_ID_KEY.encode())}
-    columns = [table[n] for n in EVENT_FIELDS]
-    return pa.Table.from_arrays(columns, schema=_schema_with(kept))
+    columns = [table[n] for n in (*EVENT_FIELDS, *optional)]
+    schema = _schema_with(kept)
+    for name in optional:
+        schema = schema.append(pa.field(name, OPTIONAL_COLUMNS[name], nullable=False))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _check_version(raw: bytes | None, source, required: bool) -> None:
@@ -347,7 +358,19 @@ def read_traces(root: str | os.PathLike, suites: Iterable[str] | str | None = No
             raise TraceError(root, f"is a run of suite {suite!r}, not of {', '.join(sorted(wanted))}",
                              "drop the suite filter or pass the trace root")
     tables = [t.replace_schema_metadata(TRACE_SCHEMA.metadata) for t in tables]
-    return pa.concat_tables(tables)
+    optional = [n for n in OPTIONAL_COLUMNS if any(n in t.column_names for t in tables)]
+    return pa.concat_tables([_with_optional_columns(t, optional) for t in tables])
+
+
+def _with_optional_columns(table: pa.Table, optional: list[str]) -> pa.Table:
+    """`table` with every column in `optional`, in that order; an absent one filled blank."""
+    for name in optional:
+        column = (table[name] if name in table.column_names else
+                  pa.repeat(pa.scalar(_OPTIONAL_BLANKS[name], OPTIONAL_COLUMNS[name]), table.num_rows))
+        if name in table.column_names:
+            table = table.drop_columns([name])
+        table = table.append_column(pa.field(name, OPTIONAL_COLUMNS[name], nullable=False), column)
+    return table
 
 
 def _partition_suite(path: Path) -> str | None:

@@ -14,12 +14,12 @@ import os
 import shutil
 from pathlib import Path
 
-_MODULES = ("events.py", "tracer.py", "plugin.py", "boot.py")
+_MODULES = ("events.py", "tracer.py", "plugin.py", "boot.py", "policy.py", "engine.py", "guard.py")
 
 MARKER = ".sandhop-boot"
 
 SITECUSTOMIZE = '''\
-# sandhop recorder bootstrap: generated, safe to delete after the run.
+# sandhop bootstrap (recorder and guard): generated, safe to delete after the run.
 import os as _os
 import sys as _sys
 
@@ -27,7 +27,7 @@ MARKER = "@MARKER@"
 
 
 def _sandhop_start():
-    if not _os.environ.get("SANDHOP_SPOOL"):
+    if not (_os.environ.get("SANDHOP_SPOOL") or _os.environ.get("SANDHOP_GUARD")):
         return
     try:
         from sandhop.enforcement import tracer
@@ -60,7 +60,12 @@ def _chain():
 
 try:
     _sandhop_start()
-except Exception as _exc:  # tracing must never stop the child from running
+except Exception as _exc:
+    if _os.environ.get("SANDHOP_GUARD"):  # enforcing: fail closed, never run unguarded
+        _sys.stderr.write(f"sandhop: the guard could not start in pid {_os.getpid()} ({_exc!r}); "
+                          "refusing to run this process unguarded\\n")
+        _os._exit(126)
+    # recording only: tracing must never stop the child from running
     _sys.stderr.write(f"sandhop: tracing disabled in pid {_os.getpid()}: {_exc!r}\\n")
 _forget_boot_dirs()
 _chain()
@@ -75,6 +80,7 @@ def make_boot_dir(boot_dir: str | os.PathLike) -> Path:
     here = Path(__file__).resolve().parent
     for name in _MODULES:
         shutil.copyfile(here / name, pkg / name)
+    shutil.copytree(here / "tiers", pkg / "tiers", dirs_exist_ok=True)
     (pkg / "__init__.py").write_text('"""Copy of sandhop.enforcement for traced children."""\n')
     (pkg.parent / "__init__.py").write_text('"""Copy of sandhop for traced children."""\n')
     (boot / "sitecustomize.py").write_text(SITECUSTOMIZE)

@@ -186,12 +186,18 @@ def portable_path(path: str, roots: Roots) -> str:
 
 # --------------------------------------------------------------------------- normalisation
 
+# Bound at import: code under test that monkeypatches os.path.realpath must not change what a
+# path is (the guard decides on this).
+_realpath = os.path.realpath
+_getcwd = os.getcwd
+
+
 def normalise_path(path: str | bytes | os.PathLike, cwd: str | None = None) -> str:
     """Absolute real path: relative paths join `cwd`, `..` and symlinks are resolved."""
     p = os.fsdecode(path)
     if not os.path.isabs(p):
-        p = os.path.join(cwd or os.getcwd(), p)
-    return os.path.realpath(p)
+        p = os.path.join(cwd or _getcwd(), p)
+    return _realpath(p)
 
 
 _IPV4_LEGACY = re.compile(r"^(0[xX][0-9a-fA-F]+|[0-9]+)(\.(0[xX][0-9a-fA-F]+|[0-9]+)){0,3}$")

@@ -1,4 +1,5 @@
-"""The sandhop pytest plugin: `--sandhop-record DIR` records a trace of the test run.
+"""The sandhop pytest plugin: `--sandhop-record DIR` records a trace of the test run;
+`--sandhop-policy TIER_OR_FILE` enforces a policy on it (see `guard.py`).
 
 Inert unless one of its options is given. The audit hook goes in before conftest files are
 loaded, so import-time and collection-time events are captured (phase `collect`, attributed to
@@ -35,57 +36,58 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "native-code and env event) into the Parquet dataset DIR")
     group.addoption("--sandhop-suite", metavar="NAME==VERSION", default=None,
                     help="suite name stored with the trace (default: <rootdir name>==local)")
+    group.addoption("--sandhop-policy", metavar="TIER_OR_FILE", default=None,
+                    help="enforce a tier (observe, low, medium, high, lockdown) or a policy file")
+    group.addoption("--sandhop-mode", choices=("enforce", "audit"), default="enforce",
+                    help="enforce: deny and fail the test; audit: allow, record what would be denied")
+    group.addoption("--sandhop-audit-log", metavar="PATH", default=None,
+                    help="append every non-allow decision and each test's outcome to this "
+                         "hash-chained audit log (verify with `sandhop audit verify PATH`)")
+    group.addoption("--sandhop-allow-degraded", action="store_true", default=False,
+                    help="run lockdown tests even where the kernel cannot enforce it (says what is not enforced)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sandhop(tier=None, allow=(), deny=()): this test's sandbox: "
+                            "a tier or policy file, and rules to grant or revoke, e.g. "
+                            "allow=['net.connect example.com:443']")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config, parser, args) -> None:
     ns = early_config.known_args_namespace
     out = getattr(ns, "sandhop_record", None)
-    if not out:
+    policy = getattr(ns, "sandhop_policy", None)
+    if not out and not policy:
         return
-    suite = ns.sandhop_suite or f"{Path(early_config.invocation_params.dir).name}==local"
-    recorder = Recorder(Path(out), suite, list(early_config.invocation_params.args))
-    early_config.pluginmanager.register(recorder, "sandhop-recorder")
-    recorder.start()
+    pm = early_config.pluginmanager
+    tracer = None
+    if out:
+        suite = ns.sandhop_suite or f"{Path(early_config.invocation_params.dir).name}==local"
+        recorder = Recorder(Path(out), suite, list(early_config.invocation_params.args))
+        pm.register(recorder, "sandhop-recorder")
+        tracer = recorder.start()
+    if policy:
+        from sandhop.enforcement.enforcer import Enforcer
+        enforcer = Enforcer(policy, mode=ns.sandhop_mode, audit_log=ns.sandhop_audit_log,
+                            allow_degraded=ns.sandhop_allow_degraded)
+        pm.register(enforcer, "sandhop-enforcer")
+        tracer = enforcer.start(tracer)
+    pm.register(Attribution(tracer), "sandhop-attribution")
 
 
-class Recorder:
-    """Owns one recording: the tracer of the pytest process, the spool and the outcomes."""
+class Attribution:
+    """Attributes events (and children spawned) to the collector or test running, and its phase."""
 
-    def __init__(self, out: Path, suite: str, argv: list[str]) -> None:
-        self.out = out.resolve()
-        self.suite = suite
-        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
-        self.spool = self.out / SPOOL_DIRNAME / self.run_id
-        self.argv = argv
-        self.outcomes: dict[str, str] = {}
-        self.result_path: Path | None = None
-        self.error: str | None = None
-        self.started = time.time()
+    def __init__(self, tracer: Tracer) -> None:
+        self.tracer = tracer
 
-    def start(self) -> None:
-        self.spool.mkdir(parents=True, exist_ok=True)
-        boot = make_boot_dir(self.spool / "boot")
-        self._write_run_json(status="recording")
-        self._outcomes_fd = os.open(self.spool / "outcomes.jsonl",
-                                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        self.tracer = Tracer(str(self.spool), time.monotonic_ns(), ev.Roots.current(),
-                             phase="collect", boot_dir=str(boot))
-        # Children inherit these through the C environment; os.environ (what tests see) is untouched.
-        for key, value in self.tracer.child_environment().items():
-            os.putenv(key, value)
-        pythonpath = os.environ.get("PYTHONPATH")
-        os.putenv("PYTHONPATH", os.pathsep.join([str(boot)] + ([pythonpath] if pythonpath else [])))
-        self.tracer.install()
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_configure(self, config) -> None:
+        # The initial conftests are loaded (their import-time code was `collect`); what plugins
+        # do to configure themselves is the runner's own work.
+        self.tracer.set_context("", "session")
 
-    def _write_run_json(self, **extra) -> None:
-        info = {"run_id": self.run_id, "suite": self.suite, "argv": self.argv,
-                "python": platform.python_version(), "implementation": sys.implementation.name,
-                "platform": platform.platform(), "started": self.started,
-                "schema_version": ev.SCHEMA_VERSION, **extra}
-        (self.spool / "run.json").write_text(json.dumps(info, indent=1))
-
-    # ----------------------------------------------------------------- attribution
     @pytest.hookimpl(hookwrapper=True)
     def pytest_make_collect_report(self, collector):
         previous = (self.tracer.test_id, self.tracer.phase)
@@ -114,6 +116,44 @@ class Recorder:
     def pytest_collection(self, session):
         yield
         self.tracer.set_context("", "session")
+
+
+class Recorder:
+    """Owns one recording: the tracer of the pytest process, the spool and the outcomes."""
+
+    def __init__(self, out: Path, suite: str, argv: list[str]) -> None:
+        self.out = out.resolve()
+        self.suite = suite
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+        self.spool = self.out / SPOOL_DIRNAME / self.run_id
+        self.argv = argv
+        self.outcomes: dict[str, str] = {}
+        self.result_path: Path | None = None
+        self.error: str | None = None
+        self.started = time.time()
+
+    def start(self) -> Tracer:
+        self.spool.mkdir(parents=True, exist_ok=True)
+        boot = make_boot_dir(self.spool / "boot")
+        self._write_run_json(status="recording")
+        self._outcomes_fd = os.open(self.spool / "outcomes.jsonl",
+                                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self.tracer = Tracer(str(self.spool), time.monotonic_ns(), ev.Roots.current(),
+                             phase="collect", boot_dir=str(boot))
+        # Children inherit these through the C environment; os.environ (what tests see) is untouched.
+        for key, value in self.tracer.child_environment().items():
+            os.putenv(key, value)
+        pythonpath = os.environ.get("PYTHONPATH")
+        os.putenv("PYTHONPATH", os.pathsep.join([str(boot)] + ([pythonpath] if pythonpath else [])))
+        self.tracer.install()
+        return self.tracer
+
+    def _write_run_json(self, **extra) -> None:
+        info = {"run_id": self.run_id, "suite": self.suite, "argv": self.argv,
+                "python": platform.python_version(), "implementation": sys.implementation.name,
+                "platform": platform.platform(), "started": self.started,
+                "schema_version": ev.SCHEMA_VERSION, **extra}
+        (self.spool / "run.json").write_text(json.dumps(info, indent=1))
 
     # ----------------------------------------------------------------- outcomes
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:

@@ -52,9 +52,9 @@ def active() -> "Tracer | None":
 class Tracer:
     """Decodes audit events of this process and spools them; see the module docstring."""
 
-    def __init__(self, spool_dir: str, t0_ns: int, roots: ev.Roots, *, test_id: str = "",
-                 phase: str = "collect", boot_dir: str = "") -> None:
-        self.spool_dir = spool_dir
+    def __init__(self, spool_dir: str | None, t0_ns: int, roots: ev.Roots, *, test_id: str = "",
+                 phase: str = "collect", boot_dir: str = "", own: tuple[str, ...] = ()) -> None:
+        self.spool_dir = spool_dir or ""
         self.t0_ns = t0_ns
         self.roots = roots
         self.boot_dir = boot_dir
@@ -71,10 +71,13 @@ class Tracer:
         self._fd = -1
         self._stable: dict[str, tuple[str, str]] = {}
         self.executed: set[int] = set()
+        # The enforcement guard: called with every decoded event; may raise `Blocked`.
+        self.gate = None
+        self.extra_env: dict[str, str] = {}
         self._stable_prefixes = tuple(p + "/" for p in (*roots.site, roots.stdlib, roots.python, *roots.other_pythons) if p)
         # The recorder's own folders (its spool, the copy of sandhop it runs from): touching
         # them is the recorder's footprint, not the test's behaviour.
-        own = [os.path.realpath(spool_dir)]
+        own = [os.path.realpath(p) for p in (spool_dir, *own) if p]
         copy_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if os.path.isfile(os.path.join(os.path.dirname(copy_root), ".sandhop-boot")):
             own.append(os.path.realpath(os.path.dirname(copy_root)))
@@ -83,10 +86,8 @@ class Tracer:
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
-    def from_env(cls) -> "Tracer | None":
-        spool = os.environ.get(ENV_SPOOL)
-        if not spool:
-            return None
+    def from_env(cls, own: tuple[str, ...] = ()) -> "Tracer | None":
+        spool = os.environ.get(ENV_SPOOL) or None
         roots = ev.Roots.current(cwd=os.environ.get(ENV_CWD) or None)
         parent = os.environ.get(ENV_ROOTS)
         if parent:
@@ -94,7 +95,7 @@ class Tracer:
                                               for k, v in json.loads(parent).items()}))
         tracer = cls(spool, int(os.environ.get(ENV_T0) or time.monotonic_ns()), roots,
                      test_id=os.environ.get(ENV_TEST, ""), phase=os.environ.get(ENV_PHASE, "session"),
-                     boot_dir=os.environ.get(ENV_BOOT, ""))
+                     boot_dir=os.environ.get(ENV_BOOT, ""), own=own)
         # Children are often ended by a signal (a test's server terminated at teardown), which
         # skips atexit: unbuffered spooling loses nothing.
         tracer.flush_every = 1
@@ -102,6 +103,8 @@ class Tracer:
 
     def _open_spool(self) -> None:
         self.pid, self.ppid = os.getpid(), os.getppid()
+        if not self.spool_dir:  # enforcing without recording
+            return
         name = f"events-{self.pid}-{secrets.token_hex(4)}.jsonl"
         self._fd = os.open(os.path.join(self.spool_dir, name),
                            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
@@ -136,9 +139,11 @@ class Tracer:
 
     def child_environment(self) -> dict[str, str]:
         """The variables a child process needs to be traced and attributed to this test."""
-        env = {ENV_SPOOL: self.spool_dir, ENV_T0: str(self.t0_ns), ENV_TEST: self.test_id,
+        env = {ENV_T0: str(self.t0_ns), ENV_TEST: self.test_id,
                ENV_PHASE: self.phase, ENV_CWD: self.roots.cwd,
-               ENV_ROOTS: json.dumps(dataclasses.asdict(self.roots))}
+               ENV_ROOTS: json.dumps(dataclasses.asdict(self.roots)), **self.extra_env}
+        if self.spool_dir:
+            env[ENV_SPOOL] = self.spool_dir
         if self.boot_dir:
             env[ENV_BOOT] = self.boot_dir
         return env
@@ -160,6 +165,12 @@ class Tracer:
     def emit(self, category: str, op: str, target: str, detail: str = "", cls: str | None = None) -> None:
         if cls is None:
             cls = ev.target_class(category, target, detail)
+        if self.spool_dir:
+            self._spool(category, op, target, detail, cls)
+        if self.gate is not None:
+            self.gate(category, op, target, detail, cls)
+
+    def _spool(self, category: str, op: str, target: str, detail: str, cls: str) -> None:
         with self._lock:
             self._lseq += 1
             self._buf.append([time.monotonic_ns() - self.t0_ns, self.pid, self.ppid, self._lseq,
@@ -199,6 +210,8 @@ class Tracer:
             handler(self, event, args)
         except _OwnFootprint:
             pass
+        except Blocked as blocked:
+            raise blocked.exc from None
         except Exception:  # a decoding failure must never break the traced program
             self.decode_failures += 1
         finally:
@@ -266,19 +279,36 @@ class Tracer:
         for k, v in extra.items():
             env[os.fsencode(k) if as_bytes else k] = os.fsencode(v) if as_bytes else v
 
-    def env_read(self, name, op: str) -> None:
+    def env_read(self, name, op: str) -> bool:
+        """Record (and let the guard decide) a read; True when the variable must look unset."""
         if not self.enabled or getattr(self._tls, "busy", False):
-            return
+            return False
         key = os.fsdecode(name) if isinstance(name, (str, bytes)) else str(name)
         if key != "*" and not ev.is_secret_env_name(key):
-            return
+            return False
         if key.startswith("SANDHOP_"):
-            return
+            return False
         self._tls.busy = True
+        self._tls.hide = False
         try:
             self.emit("env.read", op, key)
+        except Blocked as blocked:
+            raise blocked.exc from None
         finally:
             self._tls.busy = False
+        return getattr(self._tls, "hide", False)
+
+    def hide_env(self) -> None:
+        """Called by the guard while deciding an env read: the variable is redirected to unset."""
+        self._tls.hide = True
+
+
+class Blocked(Exception):
+    """Raised by the guard's gate inside the hook; the hook raises `exc` to the traced code."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
 
 
 class _OwnFootprint(Exception):
@@ -290,19 +320,21 @@ class _TracedEnviron(os._Environ):
 
     def __getitem__(self, key):
         value = super().__getitem__(key)
-        if _active is not None:
-            _active.env_read(key, "environ.get")
+        if _active is not None and _active.env_read(key, "environ.get"):
+            raise KeyError(key)
         return value
 
     def __iter__(self):
-        if _active is not None:
-            _active.env_read("*", "environ.iter")
+        if _active is not None and _active.env_read("*", "environ.iter"):
+            return (k for k in super().__iter__() if not _hidden(k))
         return super().__iter__()
 
     def copy(self):
-        if _active is not None:
-            _active.env_read("*", "environ.copy")
-        return {self.decodekey(k): self.decodevalue(v) for k, v in self._data.items()}
+        items = {self.decodekey(k): self.decodevalue(v) for k, v in self._data.items()}
+        if _active is not None and _active.env_read("*", "environ.copy"):
+            return {k: v for k, v in items.items() if not _hidden(k)}
+        return items
+
 
     # Whole-environment writes (a fixture that clears and restores the environment around every
     # test) are one event, not one per variable.
@@ -314,6 +346,12 @@ class _TracedEnviron(os._Environ):
         size = (len(other) if hasattr(other, "__len__") else 0) + len(kwds)
         with _bulk_write("environ.update", size):
             super().update(other, **kwds)
+
+
+def _hidden(key) -> bool:
+    """A secret-looking name under a redirected whole-environment read: left out."""
+    name = os.fsdecode(key) if isinstance(key, bytes) else str(key)
+    return not name.startswith("SANDHOP_") and ev.is_secret_env_name(name)
 
 
 class _bulk_write:
@@ -420,8 +458,21 @@ def _sock(category: str):
 def _popen(t: Tracer, name: str, args: tuple) -> None:
     executable, argv, _cwd, env = (tuple(args) + (None,) * 4)[:4]
     target = t.argv_target(executable, argv)
+    _loader_env(t, name, env)
     t.propagate(env)
     t.emit("proc.spawn", name, target, _shell_detail(argv))
+
+
+# Variables that make the dynamic loader run code in the child before its main program.
+_LOADER_ENV = ("LD_PRELOAD", "LD_AUDIT", "LD_LIBRARY_PATH")
+
+
+def _loader_env(t: Tracer, name: str, env) -> None:
+    if isinstance(env, dict):
+        for key in env:
+            k = os.fsdecode(key)
+            if k in _LOADER_ENV:
+                t.emit("env.write", name + ".env", k)
 
 
 def _shell_detail(argv) -> str:
@@ -440,6 +491,7 @@ def _exec(t: Tracer, name: str, args: tuple) -> None:
         _mode, path, argv, env = (tuple(args) + (None,) * 4)[:4]
     else:
         path, argv, env = (tuple(args) + (None,) * 3)[:3]
+    _loader_env(t, name, env)
     t.propagate(env)
     t.emit("proc.spawn", name, t.argv_target(path, argv), _shell_detail(argv))
     if name == "os.exec":
@@ -529,7 +581,7 @@ def _with_home(roots: ev.Roots, home: str) -> ev.Roots:
 
 
 def _tamper(t: Tracer, name: str, args: tuple) -> None:
-    t.emit("sys.tamper", name, name.split(".", 1)[-1], "", "interpreter")
+    t.emit("sys.tamper", name, name.split(".", 1)[-1] if not name.startswith("gc.") else name, "", "interpreter")
 
 
 def _sqlite(t: Tracer, name: str, args: tuple) -> None:
@@ -609,16 +661,32 @@ _HANDLERS = {
     "resource.setrlimit": _tamper,
     "resource.prlimit": _tamper,
     "socket.sethostname": _tamper,
+    # Reaching into the interpreter's object graph is how code finds the guard to disarm it.
+    "gc.get_objects": _tamper,
+    "gc.get_referrers": _tamper,
+    "gc.get_referents": _tamper,
 }
 
 AUDIT_EVENTS: frozenset[str] = frozenset(_HANDLERS)
 
 
+ENV_GUARD = "SANDHOP_GUARD"
+
+
 def install_from_env() -> "Tracer | None":
-    """Entry point for child processes (called from the boot `sitecustomize`)."""
+    """Entry point for child processes (called from the boot `sitecustomize`): record when the
+    parent records, enforce the parent's config when the parent enforces."""
     if _active is not None:
         return _active
-    tracer = Tracer.from_env()
-    if tracer is not None:
-        tracer.install()
+    if not (os.environ.get(ENV_SPOOL) or os.environ.get(ENV_GUARD)):
+        return None
+    guard_spec = os.environ.get(ENV_GUARD)
+    own: tuple[str, ...] = ()
+    if guard_spec:
+        from sandhop.enforcement import guard as guard_module
+        own = guard_module.own_paths(guard_spec)
+    tracer = Tracer.from_env(own=own)
+    if guard_spec:
+        guard_module.Guard.from_env(tracer, guard_spec)
+    tracer.install()
     return tracer

@@ -1,0 +1,236 @@
+"""`pytest --sandhop-policy`: the live guard inside a pytest run.
+
+One `Enforcer` per pytest process. It starts the guard before conftest files load (so
+import-time and collection-time payloads are decided too), gives each test its own config (the
+run's policy plus the test's `@pytest.mark.sandhop(tier=..., allow=[...], deny=[...])`), runs
+`lockdown` tests in a forked worker under Landlock and seccomp, and reads the violations file
+that the guard in this process and in every child process appends to. In enforce mode a test
+with a violation fails even if its code swallowed the `SandboxViolation`. Every non-allow
+decision and every test outcome also goes to the audit log when one is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from sandhop.enforcement import events as ev
+from sandhop.enforcement.boot import make_boot_dir
+from sandhop.enforcement.engine import PolicyEngine, SandboxConfig
+from sandhop.enforcement.guard import Guard, GuardSpec
+from sandhop.enforcement.policy import PolicyError
+from sandhop.enforcement.tracer import ENV_GUARD, Tracer
+
+
+class Enforcer:
+    def __init__(self, policy: str, *, mode: str = "enforce", audit_log: str | None = None,
+                 allow_degraded: bool = False) -> None:
+        self.policy = policy
+        self.mode = mode
+        self.audit_path = audit_log
+        self.allow_degraded = allow_degraded
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+        self.run_dir = Path(tempfile.mkdtemp(prefix="sandhop-run-"))
+        self.violations_path = self.run_dir / "violations.jsonl"
+        self._offset = 0
+        self._pending: dict[str, list[dict]] = {}
+        self.totals = {"deny": 0, "redirect": 0}
+        self.failed_tests: list[str] = []
+        self.audit = None
+        self.degraded_notes: list[str] = []
+        self._pid = os.getpid()
+
+    # ----------------------------------------------------------------- start
+    def start(self, tracer: Tracer | None) -> Tracer:
+        if tracer is None:
+            tracer = Tracer(None, time.monotonic_ns(), ev.Roots.current(), phase="collect",
+                            own=(str(self.run_dir),))
+            boot = make_boot_dir(self.run_dir / "boot")
+            pythonpath = os.environ.get("PYTHONPATH")
+            os.putenv("PYTHONPATH", os.pathsep.join([str(boot)] + ([pythonpath] if pythonpath else [])))
+            tracer.install()
+        else:
+            tracer._own = tracer._own + (os.path.realpath(self.run_dir),)
+        self.tracer = tracer
+        try:
+            engine = PolicyEngine(_decision_roots(tracer.roots))
+            spec = GuardSpec(policy=self.policy, mode=self.mode, violations=str(self.violations_path),
+                             run_id=self.run_id)
+            self.guard = Guard(tracer, engine, spec)
+        except PolicyError as exc:
+            raise pytest.UsageError(f"--sandhop-policy {self.policy}: {exc}") from None
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        self.engine = engine
+        self.guard.install()
+        for key, value in tracer.child_environment().items():
+            os.putenv(key, value)
+        if self.audit_path:
+            from sandhop.enforcement.audit import AuditLog
+            Path(self.audit_path).parent.mkdir(parents=True, exist_ok=True)
+            self.audit = AuditLog(self.audit_path)
+            self.audit.append({"kind": "session", "event": "start", "run_id": self.run_id,
+                               "policy": self.policy, "mode": self.mode, "pid": os.getpid(),
+                               "t": time.time()})
+        return tracer
+
+    # ----------------------------------------------------------------- per test
+    def config_for(self, item: pytest.Item) -> SandboxConfig:
+        """The run's policy, then the test's marker (closest marker wins for `tier`)."""
+        config = self.guard.base
+        marker = item.get_closest_marker("sandhop")
+        if marker is None:
+            return config
+        unknown = set(marker.kwargs) - {"tier", "allow", "deny"}
+        if marker.args or unknown:
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.sandhop takes only tier=, allow=[...], "
+                                    f"deny=[...] (got {marker.args or sorted(unknown)})")
+        tier = marker.kwargs.get("tier")
+        allow = tuple(_as_list(marker.kwargs.get("allow", ())))
+        deny = tuple(_as_list(marker.kwargs.get("deny", ())))
+        try:
+            return self.engine.config(tier or config.tier, grants=config.grants + allow,
+                                      revocations=config.revocations + deny)
+        except (PolicyError, ValueError) as exc:
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.sandhop: {exc}") from None
+
+    def _begin(self, item: pytest.Item) -> None:
+        config = self.config_for(item)
+        self.guard.begin_test(item.nodeid, config)
+        spec = GuardSpec(policy=config.tier, grants=config.grants, revocations=config.revocations,
+                         mode=self.mode, violations=str(self.violations_path), run_id=self.run_id)
+        self.tracer.extra_env[ENV_GUARD] = spec.to_json()
+        os.putenv(ENV_GUARD, spec.to_json())
+
+    def _end(self) -> None:
+        self.guard.end_test()
+        base = self.tracer.extra_env[ENV_GUARD] = self.guard.spec.to_json()
+        os.putenv(ENV_GUARD, base)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
+        config = self.config_for(item)
+        if config.tier != "lockdown":
+            return None
+        from sandhop.enforcement import lockdown
+        spec = lockdown.LockdownSpec(writable=self._writable(item),
+                                     connect_ports=_granted_ports(config))
+        return lockdown.run_forked(item, spec, allow_degraded=self.allow_degraded)
+
+    def _writable(self, item: pytest.Item) -> tuple[str, ...]:
+        factory = getattr(item.config, "_tmp_path_factory", None)
+        base = str(factory.getbasetemp()) if factory is not None else tempfile.gettempdir()
+        return (base, str(self.run_dir), os.path.join(self.tracer.roots.tmp, "sandhop-overlay"),
+                *((self.tracer.spool_dir,) if self.tracer.spool_dir else ()))
+
+    @pytest.hookimpl(hookwrapper=True, tryfirst=True)
+    def pytest_runtest_setup(self, item):
+        self._begin(item)
+        yield
+
+    @pytest.hookimpl(hookwrapper=True, tryfirst=True)
+    def pytest_runtest_teardown(self, item):
+        yield
+        self._end()
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        outcome = yield
+        self._apply(outcome.get_result(), item.nodeid)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_make_collect_report(self, collector):
+        outcome = yield
+        self._apply(outcome.get_result(), collector.nodeid)
+
+    def _apply(self, report, nodeid: str) -> None:
+        """Fail a report whose test (or collector) had a denial, even one its code swallowed."""
+        self._read_violations()
+        records = self._pending.pop(nodeid, [])
+        if not records:
+            return
+        denies = [r for r in records if r.get("decision") == "deny"]
+        lines = [f"{r['decision']:8} {r['category']} {r['target']}  [{r['rule']}]" + (
+            f"\n         {r.get('fix')}" if r.get("fix") else "") for r in records]
+        report.sections.append((f"sandhop {self.mode}", "\n".join(lines)))
+        if self.mode == "enforce" and denies and report.passed:
+            report.outcome = "failed"
+            report.longrepr = "\n".join(["sandhop: this test performed operations the sandbox denied "
+                                         "(its code caught the SandboxViolation):"] +
+                                        [r["message"] for r in denies])
+
+    def _read_violations(self) -> None:
+        try:
+            with open(self.violations_path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        for line in data[:end].splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            self.totals[rec.get("decision", "deny")] = self.totals.get(rec.get("decision", "deny"), 0) + 1
+            self._pending.setdefault(rec.get("test_id", ""), []).append(rec)
+            if self.audit is not None and os.getpid() == self._pid:  # not in a forked worker
+                self.audit.append(rec)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.failed and report.nodeid not in self.failed_tests:
+            self.failed_tests.append(report.nodeid)
+        if self.audit is not None and os.getpid() == self._pid and (report.when == "call" or report.failed or report.skipped):
+            self.audit.append({"kind": "test", "run_id": self.run_id, "test_id": report.nodeid,
+                               "phase": report.when, "outcome": report.outcome})
+
+    # ----------------------------------------------------------------- finish
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session, exitstatus) -> None:
+        self._read_violations()
+        if self.audit is not None:
+            self.audit.append({"kind": "session", "event": "finish", "run_id": self.run_id,
+                               "exitstatus": int(exitstatus), "denied": self.totals.get("deny", 0),
+                               "redirected": self.totals.get("redirect", 0), "t": time.time()})
+            self.audit.close()
+
+    def pytest_unconfigure(self, config) -> None:
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        tr = terminalreporter
+        verb = "denied" if self.mode == "enforce" else "would have denied"
+        tr.write_line(f"sandhop: policy {self.policy} ({self.mode}): {verb} {self.totals.get('deny', 0)} "
+                      f"operations, redirected {self.totals.get('redirect', 0)}"
+                      + (f"; audit log {self.audit_path}" if self.audit_path else ""),
+                      yellow=bool(self.totals.get("deny")))
+        for note in self.degraded_notes:
+            tr.write_line(f"sandhop: DEGRADED: {note}", red=True)
+
+
+def _as_list(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _granted_ports(config: SandboxConfig) -> tuple[int, ...]:
+    """TCP ports a lockdown test was granted by its marker (Landlock filters ports, not hosts)."""
+    ports = []
+    for rule in config.grants:
+        words = rule.split()
+        if len(words) == 2 and words[0] in ("net.connect", "net.*"):
+            port = words[1].rpartition(":")[2]
+            if port.isdigit():
+                ports.append(int(port))
+    return tuple(sorted(set(ports)))
+
+
+def _decision_roots(roots: ev.Roots) -> ev.Roots:
+    return roots

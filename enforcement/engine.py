@@ -1,0 +1,250 @@
+"""The one `PolicyEngine`: every allow/deny/redirect decision in sandhop is made here.
+
+The live guard, the Gymnasium environment, the JAX twin's precomputed decision tables, the
+runtime enforcer and the benchmarks all call `PolicyEngine.decide`. It is pure and
+deterministic: the same (event, config) always gives the same `Decision`, whatever was decided
+before. Precedence: deny > redirect > allow > the tier's default, over the tier's rules plus the
+config's runtime grants (allow rules) and revocations (deny rules). A compiled matcher per
+(config, category) and a decision cache keyed by (config, category, target, class) keep the hot
+path at a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Protocol
+
+from sandhop.enforcement import events as ev
+from sandhop.enforcement.policy import (TIERS_DIR, Policy, PolicyError, Rule, executable_of, parse_rule,
+                                        read_policy_file, specialise)
+
+TIERS: tuple[str, ...] = ("observe", "low", "medium", "high", "lockdown")
+TIER_LEVEL: dict[str, int] = {t: i for i, t in enumerate(TIERS)}
+_PRECEDENCE = ("deny", "redirect", "allow")
+
+
+class HopError(ValueError):
+    """A hop the rules of DESIGN 3.2 do not allow (leaving lockdown)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    effect: str            # allow | deny | redirect
+    rule_id: str           # `<policy>:<line>`, `grant:<n>`, `revoke:<n>`, or `<policy>:default`
+    reason: str
+    redirect_to: str = ""
+    rule_text: str = ""    # the rule as written ("" for a tier default)
+
+    @property
+    def allowed(self) -> bool:
+        return self.effect == "allow"
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """A tier plus runtime grants and revocations (rule lines without the effect, such as
+    `net.connect example.com:443`, or a bare category for all of it).
+
+    Hopping follows DESIGN 3.2: `hop_to` a stricter tier takes effect at once; a hop to a more
+    permissive tier waits in `pending` until `at_test_boundary()`; lockdown is never left within a
+    test (the next test starts from its own base config)."""
+
+    tier: str = "medium"
+    grants: tuple[str, ...] = ()
+    revocations: tuple[str, ...] = ()
+    level: int = -1        # strictness; -1: that of the named tier template
+    pending: str = ""      # a de-escalation waiting for the test boundary
+    key: tuple = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.level < 0:
+            if self.tier not in TIER_LEVEL:
+                raise ValueError(f"unknown tier {self.tier!r}; tiers are {', '.join(TIERS)} "
+                                 "(a policy file needs PolicyEngine.config(path))")
+            object.__setattr__(self, "level", TIER_LEVEL[self.tier])
+        object.__setattr__(self, "key", (self.tier, self.grants, self.revocations))
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def grant(self, *rules: str) -> "SandboxConfig":
+        return replace(self, grants=self.grants + tuple(r for r in rules if r not in self.grants))
+
+    def revoke(self, *rules: str) -> "SandboxConfig":
+        return replace(self, revocations=self.revocations + tuple(r for r in rules if r not in self.revocations))
+
+    def hop_to(self, tier: str, level: int | None = None) -> "SandboxConfig":
+        level = TIER_LEVEL.get(tier, -1) if level is None else level
+        if level < 0:
+            raise ValueError(f"unknown tier {tier!r}; tiers are {', '.join(TIERS)}")
+        if self.tier == "lockdown" and tier != "lockdown":
+            raise HopError("lockdown is one-way: a test that reached it stays there until it ends")
+        if level >= self.level:
+            return replace(self, tier=tier, level=level, pending="")
+        return replace(self, pending=tier)
+
+    def at_test_boundary(self) -> "SandboxConfig":
+        """Apply a pending de-escalation (called between tests)."""
+        if not self.pending:
+            return self
+        return replace(self, tier=self.pending, level=TIER_LEVEL.get(self.pending, self.level), pending="")
+
+
+class _Target(Protocol):
+    category: str
+    target: str
+    target_class: str
+
+
+class PolicyEngine:
+    """Loads tier templates and policy files; decides. See the module docstring."""
+
+    def __init__(self, roots: ev.Roots | None = None, *, tiers_dir: Path = TIERS_DIR,
+                 cache_size: int = 1 << 16) -> None:
+        self.roots = roots or ev.Roots.current()
+        self.policies: dict[str, Policy] = {}
+        self.levels: dict[str, int] = dict(TIER_LEVEL)
+        self._tiers_dir = tiers_dir
+        self._compiled: dict[tuple, dict[str, tuple]] = {}
+        self._cache: dict[tuple, Decision] = {}
+        self.cache_size = cache_size
+        for tier in TIERS:
+            self.load_tier(tier)
+
+    # ----------------------------------------------------------------- loading
+    def load_tier(self, tier: str) -> Policy:
+        if tier not in self.policies:
+            path = self._tiers_dir / f"{tier}.policy"
+            if not path.is_file():
+                raise PolicyError(str(path), 0, 0, f"no tier template {tier!r}; tiers are {', '.join(TIERS)}")
+            self.policies[tier] = read_policy_file(path, roots=self.roots, resolve=self._resolve, name=tier)
+        return self.policies[tier]
+
+    def _resolve(self, name: str) -> Policy:
+        return self.load_tier(name) if name in TIERS else self.load_file(name)
+
+    def load_file(self, path: str | Path) -> Policy:
+        """Load a user's policy file; it becomes a tier named by its path."""
+        p = Path(path).expanduser().resolve()
+        name = str(p)
+        if name not in self.policies:
+            if not p.is_file():
+                raise PolicyError(str(path), 0, 0, f"no such policy file; give a tier ({', '.join(TIERS)}) "
+                                  "or the path of a policy file")
+            policy = read_policy_file(p, roots=self.roots, resolve=self._resolve, name=name)
+            self.policies[name] = policy
+            self.levels[name] = self.levels.get(policy.extends, TIER_LEVEL["medium"])
+        return self.policies[name]
+
+    def config(self, tier_or_file: str, *, grants: Iterable[str] = (), revocations: Iterable[str] = ()) -> SandboxConfig:
+        """A config for a tier name or a policy file (validating grants and revocations now)."""
+        name = tier_or_file if tier_or_file in TIERS else self.load_file(tier_or_file).name
+        cfg = SandboxConfig(tier=name, grants=tuple(grants), revocations=tuple(revocations),
+                            level=self.levels[name])
+        self._rules_for(cfg)  # raise on a bad grant now, not at the first event
+        return cfg
+
+    def hop(self, config: SandboxConfig, tier_or_file: str) -> SandboxConfig:
+        name = tier_or_file if tier_or_file in TIERS else self.load_file(tier_or_file).name
+        return config.hop_to(name, self.levels[name])
+
+    # ----------------------------------------------------------------- compiling
+    def _rules_for(self, config: SandboxConfig) -> dict[str, tuple]:
+        compiled = self._compiled.get(config.key)
+        if compiled is not None:
+            return compiled
+        if config.tier not in self.policies:
+            self._resolve(config.tier)
+        policy = self.policies[config.tier]
+        rules: list[Rule] = list(policy.rules)
+        for i, text in enumerate(config.grants, 1):
+            rules.append(parse_rule(text, roots=self.roots, source=f"grant {text!r}", rule_id=f"grant:{i}", effect="allow"))
+        for i, text in enumerate(config.revocations, 1):
+            rules.append(parse_rule(text, roots=self.roots, source=f"revocation {text!r}", rule_id=f"revoke:{i}", effect="deny"))
+        compiled = {}
+        for category in ev.CATEGORIES:
+            ordered = []
+            for effect in _PRECEDENCE:
+                for rule in rules:
+                    if rule.effect == effect and category in rule.categories:
+                        ordered.append((rule, specialise(rule, category)))
+            compiled[category] = (tuple(ordered), policy)
+        self._compiled[config.key] = compiled
+        return compiled
+
+    # ----------------------------------------------------------------- deciding
+    def decide(self, event: _Target, config: SandboxConfig) -> Decision:
+        return self.decide_target(event.category, event.target, event.target_class, config)
+
+    def decide_target(self, category: str, target: str, target_class: str, config: SandboxConfig) -> Decision:
+        key = (config.key, category, target, target_class)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        decision = self._decide_cold(category, target, target_class, config)
+        if len(self._cache) >= self.cache_size:
+            self._cache.clear()
+        self._cache[key] = decision
+        return decision
+
+    def _decide_cold(self, category: str, target: str, target_class: str, config: SandboxConfig) -> Decision:
+        try:
+            ordered, policy = self._rules_for(config)[category]
+        except KeyError:
+            return Decision("deny", "engine:unknown-category", f"unknown category {category!r}: denied (fail closed)")
+        for rule, match in ordered:
+            if match(target, target_class):
+                where = rule.rule_id
+                return Decision(rule.effect, rule.rule_id, f"{rule.effect} by `{rule.text}` ({where})",
+                                rule.redirect_to, rule.text)
+        return Decision(policy.default, f"{_short(policy.name)}:default",
+                        f"no rule of {_short(policy.name)} matches {category} {target}; "
+                        f"its default is {policy.default}")
+
+    def decide_all(self, events: Iterable[_Target], config: SandboxConfig) -> Decision:
+        """One decision for several views of one operation (a connect to an IP and the names it
+        was looked up as). A rule that denies any view wins, then one that redirects, then any
+        allow; only when no rule speaks for any view does the tier's default decide."""
+        decisions = [self.decide(e, config) for e in events]
+        if not decisions:
+            raise ValueError("decide_all needs at least one event")
+        for effect in _PRECEDENCE:
+            for d in decisions:
+                if d.effect == effect and not d.rule_id.endswith(":default"):
+                    return d
+        return decisions[0]
+
+    def cache_clear(self) -> None:
+        self._cache.clear()
+
+    # ----------------------------------------------------------------- messages
+    def how_to_allow(self, category: str, target: str, target_class: str, config: SandboxConfig) -> str:
+        """What to add so this operation is allowed: a policy line or marker, or the tier that
+        allows it when a deny rule (which no allow can beat) decided."""
+        d = self.decide_target(category, target, target_class, config)
+        if d.effect == "allow":
+            return "it is allowed"
+        line = suggest_rule(category, target)
+        if d.effect == "deny" and d.rule_id.endswith(":default"):
+            return (f"add `allow {line}` to the policy, or mark the test "
+                    f"`@pytest.mark.sandhop(allow=[{line!r}])`")
+        for tier in reversed(TIERS[:TIER_LEVEL.get(config.tier, TIER_LEVEL["medium"])]):
+            if self.decide_target(category, target, target_class, SandboxConfig(tier=tier)).effect == "allow":
+                return (f"`{d.rule_text or d.rule_id}` ({d.rule_id}) beats any allow; run the test at a tier "
+                        f"without it: `@pytest.mark.sandhop(tier={tier!r})`, or use a policy file without that line")
+        return f"`{d.rule_text or d.rule_id}` ({d.rule_id}) beats any allow; use a policy file without that line"
+
+
+def suggest_rule(category: str, target: str) -> str:
+    """The narrowest rule line (without effect) that names this exact target."""
+    if category == "proc.spawn":
+        exe = executable_of(target)
+        return f"{category} {exe.rsplit('/', 1)[-1] if '/' in exe else exe}"
+    if category in ("net.connect", "net.bind", "net.send") and target.startswith(("/", "${")):
+        return f"{category} unix:{target}"
+    return f"{category} {target.replace(' ', '?')}"
+
+
+def _short(name: str) -> str:
+    return Path(name).name if "/" in name else name

@@ -1,0 +1,487 @@
+"""The live guard: decides every operation a test performs, and allows, denies or redirects it.
+
+The guard sits on the recorder's decoder (`tracer.Tracer`): every audit event is decoded and
+normalised there, then handed to `Guard.gate`, which asks the one `PolicyEngine`. A denial raises
+`SandboxViolation` (a `PermissionError`) out of the audit hook, so the operation never happens.
+Every non-allow decision is also written, out of band, as a JSON line to the run's violations
+file, so a test that swallows the exception still fails (the plugin reads the file).
+
+Audit hooks can only observe or raise, so redirection intercepts at the narrowest point:
+`open`/`io.open`/`os.open` (writes into a per-test overlay, later reads see it), `os.remove`/
+`os.unlink` (a whiteout in the overlay), `socket.socket.connect`/`connect_ex` (to a loopback
+sinkhole), `socket.socket.sendto` (dropped), DNS lookups (answered "no such name" by raising
+`socket.gaierror` from the hook) and `os.environ` reads (a redirected secret looks unset). An
+operation whose decision is redirect but which arrives by another route (`_io.open`, `posix`
+calls) cannot be redirected, so it is denied: the guard fails closed.
+
+This is a tripwire, not a boundary: native code can do anything. The `lockdown` tier is where the
+kernel (Landlock, seccomp) enforces; see `lockdown.py`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from sandhop.enforcement import events as ev
+from sandhop.enforcement.engine import Decision, PolicyEngine, SandboxConfig
+from sandhop.enforcement.tracer import ENV_GUARD, Blocked, Tracer
+
+MODES = ("enforce", "audit")
+_NET_SEND = ("net.connect", "net.send")
+_IP_CLASSES = frozenset({"loopback", "private_net", "link_local", "metadata_ip", "public_net",
+                         "multicast", "unspecified"})
+
+
+class SandboxViolation(PermissionError):
+    """An operation the sandbox denied. The message says what, which rule, and how to allow it."""
+
+    def __init__(self, message: str, record: dict | None = None) -> None:
+        super().__init__(message)
+        self.record = record or {}
+
+
+@dataclass(frozen=True)
+class GuardSpec:
+    """What a child process needs to enforce the same config as its parent (one env variable)."""
+
+    policy: str
+    grants: tuple[str, ...] = ()
+    revocations: tuple[str, ...] = ()
+    mode: str = "enforce"
+    violations: str = ""
+    run_id: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"policy": self.policy, "grants": list(self.grants),
+                           "revocations": list(self.revocations), "mode": self.mode,
+                           "violations": self.violations, "run_id": self.run_id})
+
+    @classmethod
+    def from_json(cls, text: str) -> "GuardSpec":
+        d = json.loads(text)
+        return cls(policy=d["policy"], grants=tuple(d.get("grants", ())),
+                   revocations=tuple(d.get("revocations", ())), mode=d.get("mode", "enforce"),
+                   violations=d.get("violations", ""), run_id=d.get("run_id", ""))
+
+
+def own_paths(spec_json: str) -> tuple[str, ...]:
+    """Folders whose use is the guard's own footprint (never decided, never recorded)."""
+    spec = GuardSpec.from_json(spec_json)
+    return (os.path.dirname(spec.violations),) if spec.violations else ()
+
+
+@dataclass
+class _TestState:
+    test_id: str = ""
+    config: SandboxConfig | None = None
+    overlay: str = ""                       # real folder of this test's overlay
+    redirected: set = field(default_factory=set)   # portable targets written to the overlay
+    whiteouts: set = field(default_factory=set)    # portable targets deleted in the overlay
+    names: dict = field(default_factory=dict)      # ip -> host names it was looked up as
+
+
+class Guard:
+    """Enforces one `SandboxConfig` per test in this process (and, through the environment, in
+    its child Python processes)."""
+
+    def __init__(self, tracer: Tracer, engine: PolicyEngine, spec: GuardSpec) -> None:
+        if spec.mode not in MODES:
+            raise ValueError(f"--sandhop-mode must be one of {', '.join(MODES)}, not {spec.mode!r}")
+        self.tracer = tracer
+        self.engine = engine
+        self.spec = spec
+        self.base = engine.config(spec.policy, grants=spec.grants, revocations=spec.revocations)
+        self.mode = spec.mode
+        self.state = _TestState(test_id=tracer.test_id, config=self.base)
+        self.sinkhole: _Sinkhole | None = None
+        self._vfd = -1
+        self._lock = threading.Lock()
+        self.decisions = 0
+
+    @classmethod
+    def from_env(cls, tracer: Tracer, spec_json: str) -> "Guard":
+        spec = GuardSpec.from_json(spec_json)
+        guard = cls(tracer, PolicyEngine(tracer.roots), spec)
+        guard.install()
+        return guard
+
+    # ----------------------------------------------------------------- lifecycle
+    def install(self) -> None:
+        """Attach to the tracer and intercept what must be redirected. Idempotent per process."""
+        self.tracer.gate = self.gate
+        self.tracer.extra_env[ENV_GUARD] = self.spec.to_json()
+        self._open_violations()
+        os.register_at_fork(after_in_child=self._after_fork)
+        _intercept(self)
+
+    def _open_violations(self) -> None:
+        if self.spec.violations:
+            self._vfd = os.open(self.spec.violations, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self.sinkhole = None  # its thread did not survive the fork
+
+    def begin_test(self, test_id: str, config: SandboxConfig | None = None) -> None:
+        """A new test: its own config (base + marker), overlay and DNS memory; nothing carries over."""
+        self.state = _TestState(test_id=test_id, config=config or self.base)
+        self.state.overlay = os.path.join(self._overlay_base(), hashlib.sha1(test_id.encode()).hexdigest()[:16])
+
+    def end_test(self) -> None:
+        overlay = self.state.overlay
+        self.state = _TestState(test_id="", config=self.base)
+        if overlay:
+            self._busy(shutil.rmtree, overlay, ignore_errors=True)
+
+    @property
+    def config(self) -> SandboxConfig:
+        return self.state.config or self.base
+
+    def hop_to(self, tier: str) -> SandboxConfig:
+        """Escalate now, or queue a de-escalation for the test boundary (DESIGN 3.2)."""
+        self.state.config = self.engine.hop(self.config, tier)
+        return self.state.config
+
+    def _overlay_base(self) -> str:
+        return os.path.join(self.tracer.roots.tmp, "sandhop-overlay", self.spec.run_id or str(os.getpid()))
+
+    # ----------------------------------------------------------------- deciding
+    def enforcing(self) -> bool:
+        # Outside tests and collection (session phase) the runner is doing its own work.
+        return self.tracer.phase != "session" and not getattr(self.tracer._tls, "exempt", False)
+
+    def decide(self, category: str, target: str, cls: str) -> Decision:
+        config = self.config
+        if category in _NET_SEND and cls != "unix":
+            views = self._address_views(target, cls)
+            if len(views) > 1:
+                return self.engine.decide_all(views, config)
+        return self.engine.decide_target(category, target, cls, config)
+
+    def _address_views(self, target: str, cls: str) -> list:
+        """The address as given, plus the names it was looked up as (allow-lists name hosts) or
+        the addresses a name resolves to (a name may point at a metadata or private IP)."""
+        host, port = ev.split_address(target)
+        views = [_View("net.connect", target, cls)]
+        if cls in _IP_CLASSES:
+            for name in sorted(self.state.names.get(host, ())):
+                views.append(_View("net.connect", ev.format_address(name, port), ev.host_class(name)))
+        elif cls == "domain":
+            for ip in self._resolve(host):
+                views.append(_View("net.connect", ev.format_address(ip, port), ev.ip_class(ip)))
+        return views
+
+    def _resolve(self, host: str) -> list[str]:
+        tls = self.tracer._tls
+        was = getattr(tls, "busy", False)
+        tls.busy = True
+        try:
+            infos = _real_getaddrinfo(host, None)
+        except OSError:
+            return []
+        finally:
+            tls.busy = was
+        return sorted({ev.canonical_ip(str(i[4][0])) or str(i[4][0]) for i in infos})
+
+    def gate(self, category: str, op: str, target: str, detail: str, cls: str) -> None:
+        """Called by the tracer with every decoded event; raises `Blocked` to stop it."""
+        if not self.enforcing():
+            return
+        self.decisions += 1
+        d = self.decide(category, target, cls)
+        if d.effect == "allow":
+            return
+        if d.effect == "redirect" and self.mode == "audit":
+            self.record(category, op, target, detail, cls, d)
+            return
+        if d.effect == "redirect":
+            handled = self._redirect_in_hook(category, d)
+            if handled is not None:
+                self.record(category, op, target, detail, cls, d)
+                if isinstance(handled, BaseException):
+                    raise Blocked(handled)
+                return
+            d = Decision("deny", d.rule_id, f"{d.reason}; `{op}` cannot be redirected, so it is denied "
+                         "(use open(), os.open() or socket.connect(), which the guard intercepts)",
+                         rule_text=d.rule_text)
+        record = self.record(category, op, target, detail, cls, d)
+        if self.mode == "enforce":
+            raise Blocked(SandboxViolation(record["message"], record))
+
+    def _redirect_in_hook(self, category: str, d: Decision):
+        """Redirects an audit hook can carry out itself. None: not here (deny instead);
+        True: done; an exception: raise it in place of the operation."""
+        if category == "net.dns" and d.redirect_to == "nxdomain":
+            return socket.gaierror(socket.EAI_NONAME, "Name or service not known (sandhop: nxdomain)")
+        if category == "env.read" and d.redirect_to == "unset":
+            self.tracer.hide_env()
+            return True
+        if getattr(self.tracer._tls, "redirecting", False):
+            return True  # an interceptor below is carrying it out
+        return None
+
+    def record(self, category: str, op: str, target: str, detail: str, cls: str, d: Decision) -> dict:
+        config = self.config
+        rec = {"kind": "decision", "run_id": self.spec.run_id, "test_id": self.state.test_id or self.tracer.test_id,
+               "phase": self.tracer.phase, "pid": os.getpid(), "t_ns": time.monotonic_ns() - self.tracer.t0_ns,
+               "category": category, "op": op, "target": target, "target_class": cls, "detail": detail,
+               "decision": d.effect, "rule": d.rule_id, "rule_text": d.rule_text, "tier": config.tier,
+               "mode": self.mode, "reason": d.reason, "redirect_to": d.redirect_to}
+        if d.effect == "deny":
+            rec["fix"] = self.engine.how_to_allow(category, target, cls, config)
+            rec["message"] = (f"sandhop {'denied' if self.mode == 'enforce' else 'would deny'} "
+                              f"{category} {target} (op {op}, tier {_short(config.tier)}"
+                              f"{', test ' + rec['test_id'] if rec['test_id'] else ''}): {d.reason}. "
+                              f"To allow it: {rec['fix']}")
+        else:
+            rec["message"] = f"sandhop redirected {category} {target} -> {d.redirect_to}: {d.reason}"
+        self._write(rec)
+        return rec
+
+    def _write(self, rec: dict) -> None:
+        if self._vfd < 0:
+            return
+        line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape")
+        tls = self.tracer._tls
+        was = getattr(tls, "busy", False)
+        tls.busy = True
+        try:
+            with self._lock:
+                os.write(self._vfd, line)
+        except OSError:
+            pass  # the run folder is gone; the exception still reaches the test
+        finally:
+            tls.busy = was
+
+    def _busy(self, fn, *args, **kwargs):
+        tls = self.tracer._tls
+        was = getattr(tls, "busy", False)
+        tls.busy = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            tls.busy = was
+
+    # ----------------------------------------------------------------- redirect helpers
+    def redirect_path(self, path, writing: bool, deleting: bool = False) -> str | None:
+        """The overlay path this access must use instead of `path`, or None (use `path`)."""
+        if isinstance(path, int) or self.mode != "enforce" or not self.enforcing():
+            return None
+        tls = self.tracer._tls
+        if getattr(tls, "busy", False):
+            return None
+        st = self.state
+        if not writing and not st.redirected and not st.whiteouts:
+            return None
+        try:
+            target, cls = self._busy(self.tracer.path, path)
+        except Exception:
+            return None  # the hook will see it and decide
+        if not writing:
+            if target in st.whiteouts:
+                return self._overlay_path(target) + ".sandhop-whiteout"  # does not exist: ENOENT
+            return self._overlay_path(target) if target in st.redirected else None
+        category = "fs.delete" if deleting else "fs.write"
+        d = self.decide(category, target, cls)
+        if d.effect != "redirect" or not st.overlay:
+            return None
+        new = self._overlay_path(target)
+        self._busy(self._prepare_overlay, path, new, target, deleting)
+        self.record(category, "redirect", target, new, cls, d)
+        return new
+
+    def _prepare_overlay(self, original, new: str, target: str, deleting: bool) -> None:
+        st = self.state
+        os.makedirs(os.path.dirname(new), exist_ok=True)
+        if deleting:
+            st.whiteouts.add(target)
+            st.redirected.discard(target)
+            return
+        if target not in st.redirected and target not in st.whiteouts and os.path.isfile(original):
+            shutil.copy2(original, new)  # copy on write: appends and `r+` see the original content
+        st.whiteouts.discard(target)
+        st.redirected.add(target)
+
+    def _overlay_path(self, target: str) -> str:
+        rel = target.replace("${", "").replace("}", "", 1).lstrip("/")
+        return os.path.join(self.state.overlay, rel)
+
+    def redirect_address(self, sock, address, category: str = "net.connect"):
+        """The address a connect/sendto must use instead (the sinkhole), or None; `False` for a
+        sendto that must be dropped."""
+        if self.mode != "enforce" or not self.enforcing() or getattr(self.tracer._tls, "busy", False):
+            return None
+        try:
+            target, detail = self._busy(self.tracer.address, sock, address)
+        except Exception:
+            return None
+        cls = ev.target_class(category, target, detail)
+        d = self.decide(category, target, cls)
+        if d.effect != "redirect":
+            return None
+        self.record(category, "redirect", target, d.redirect_to, cls, d)
+        if category == "net.send":
+            return False
+        if self.sinkhole is None:
+            self.sinkhole = self._busy(_Sinkhole, self.tracer)
+        host, port = self.sinkhole.address
+        return ("::ffff:" + host, port) if getattr(sock, "family", None) == socket.AF_INET6 else (host, port)
+
+    def remember_lookup(self, host, infos) -> None:
+        name = ev.normalise_host(host) if isinstance(host, (str, bytes)) else ""
+        if not name or ev.canonical_ip(name) is not None:
+            return
+        for info in infos:
+            ip = ev.canonical_ip(str(info[4][0]))
+            if ip:
+                self.state.names.setdefault(ip, set()).add(name)
+
+
+@dataclass(frozen=True)
+class _View:
+    category: str
+    target: str
+    target_class: str
+
+
+def _short(name: str) -> str:
+    return os.path.basename(name) if "/" in name else name
+
+
+# --------------------------------------------------------------------------- sinkhole
+
+class _Sinkhole:
+    """A loopback TCP listener that accepts redirected connections, reads and discards."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self.tracer = tracer
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.address = self.sock.getsockname()
+        threading.Thread(target=self._serve, name="sandhop-sinkhole", daemon=True).start()
+
+    def _serve(self) -> None:
+        self.tracer._tls.busy = True  # the sinkhole's own sockets are the guard's footprint
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
+
+    def _drain(self, conn: socket.socket) -> None:
+        self.tracer._tls.busy = True
+        with conn:
+            try:
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------------------- interception
+
+_real_open = io.open
+_real_os_open = os.open
+_real_remove = os.remove
+_real_unlink = os.unlink
+_real_getaddrinfo = socket.getaddrinfo
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+_real_sendto = socket.socket.sendto
+_installed: list[Guard] = []
+
+
+def _writes(mode) -> bool:
+    return isinstance(mode, str) and any(c in mode for c in "wax+")
+
+
+def _intercept(guard: Guard) -> None:
+    """Wrap the narrow points where a redirect must change an argument. Once per process; the
+    wrappers consult whichever guard is current."""
+    if _installed:
+        _installed[0] = guard
+        return
+    _installed.append(guard)
+
+    def current() -> Guard:
+        return _installed[0]
+
+    def _redirecting(fn, *args, **kwargs):
+        tls = current().tracer._tls
+        tls.redirecting = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            tls.redirecting = False
+
+    def open_(file, mode="r", *args, **kwargs):
+        new = current().redirect_path(file, _writes(mode))
+        if new is None:
+            return _real_open(file, mode, *args, **kwargs)
+        return _redirecting(_real_open, new, mode, *args, **kwargs)
+
+    def os_open(path, flags, mode=0o777, *, dir_fd=None):
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & (os.O_CREAT | os.O_TRUNC | os.O_APPEND))
+        new = current().redirect_path(path, writing) if dir_fd is None else None
+        if new is None:
+            return _real_os_open(path, flags, mode, dir_fd=dir_fd)
+        return _redirecting(_real_os_open, new, flags, mode)
+
+    def make_remove(real):
+        def remove(path, *, dir_fd=None):
+            new = current().redirect_path(path, True, deleting=True) if dir_fd is None else None
+            if new is None:
+                return real(path, dir_fd=dir_fd)
+            try:
+                _redirecting(real, new.removesuffix(".sandhop-whiteout"))
+            except FileNotFoundError:
+                pass  # the original stays; the overlay records it as deleted
+        remove.__name__ = real.__name__
+        return remove
+
+    def getaddrinfo(host, *args, **kwargs):
+        infos = _real_getaddrinfo(host, *args, **kwargs)
+        try:
+            current().remember_lookup(host, infos)
+        except Exception:
+            pass
+        return infos
+
+    def connect(self, address):
+        new = current().redirect_address(self, address)
+        if new:
+            return _redirecting(_real_connect, self, new)
+        return _real_connect(self, address)
+
+    def connect_ex(self, address):
+        new = current().redirect_address(self, address)
+        if new:
+            return _redirecting(_real_connect_ex, self, new)
+        return _real_connect_ex(self, address)
+
+    def sendto(self, data, *args):
+        address = args[-1] if args else None
+        if current().redirect_address(self, address, "net.send") is False:
+            return len(data)
+        return _real_sendto(self, data, *args)
+
+    open_.__doc__ = _real_open.__doc__
+    builtins.open = io.open = open_
+    os.open = os_open
+    os.remove = make_remove(_real_remove)
+    os.unlink = make_remove(_real_unlink)
+    socket.getaddrinfo = getaddrinfo
+    socket.socket.connect = connect
+    socket.socket.connect_ex = connect_ex
+    socket.socket.sendto = sendto
