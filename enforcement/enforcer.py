@@ -114,6 +114,11 @@ class Enforcer:
         base = self.tracer.extra_env[ENV_GUARD] = self.guard.spec.to_json()
         os.putenv(ENV_GUARD, base)
 
+    @pytest.fixture
+    def sandhop_guard(self) -> Guard:
+        """This process's guard: `sandhop_guard.hop_to("high")` escalates the running test."""
+        return self.guard
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
         config = self.config_for(item)
@@ -154,6 +159,18 @@ class Enforcer:
         """Fail a report whose test (or collector) had a denial, even one its code swallowed."""
         self._read_violations()
         records = self._pending.pop(nodeid, [])
+        tampered = self.guard.integrity()
+        if tampered:
+            self._repair()
+            records.append({"decision": "deny", "category": "sys.tamper", "target": "sandhop.guard",
+                            "rule": "guard:integrity", "test_id": nodeid,
+                            "message": "sandhop: the guard was tampered with: " + "; ".join(tampered)})
+            if self.audit is not None and os.getpid() == self._pid:
+                self.audit.append({"kind": "decision", "run_id": self.run_id, "test_id": nodeid,
+                                   "category": "sys.tamper", "op": "integrity", "target": "sandhop.guard",
+                                   "target_class": "interpreter", "decision": "deny", "rule": "guard:integrity",
+                                   "tier": self.guard.config.tier, "mode": self.mode,
+                                   "reason": "; ".join(tampered)})
         if not records:
             return
         denies = [r for r in records if r.get("decision") == "deny"]
@@ -166,8 +183,20 @@ class Enforcer:
                                          "(its code caught the SandboxViolation):"] +
                                         [r["message"] for r in denies])
 
+    def _repair(self) -> None:
+        """Put the guard back for the tests that follow."""
+        from sandhop.enforcement import guard as guard_module
+        t = self.tracer
+        t.gate, t.enabled = self.guard.gate, True
+        t._tls.busy = False
+        self.guard.mode = self.guard.spec.mode
+        guard_module._intercept(self.guard)
+
     def _read_violations(self) -> None:
+        # Called after every phase of every test: a size check keeps the common case cheap.
         try:
+            if os.stat(self.violations_path).st_size <= self._offset:
+                return
             with open(self.violations_path, "rb") as f:
                 f.seek(self._offset)
                 data = f.read()

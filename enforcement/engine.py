@@ -109,8 +109,7 @@ class PolicyEngine:
         self._compiled: dict[tuple, dict[str, tuple]] = {}
         self._cache: dict[tuple, Decision] = {}
         self.cache_size = cache_size
-        for tier in TIERS:
-            self.load_tier(tier)
+        # Tier templates load on first use: a child process needs only its own tier.
 
     # ----------------------------------------------------------------- loading
     def load_tier(self, tier: str) -> Policy:

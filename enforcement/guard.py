@@ -146,6 +146,23 @@ class Guard:
     def config(self) -> SandboxConfig:
         return self.state.config or self.base
 
+    def integrity(self) -> list[str]:
+        """What test code changed in the guard's wiring (checked by the plugin after each phase:
+        a tripwire for tampering that the hook itself cannot see)."""
+        t = self.tracer
+        problems = []
+        if getattr(t.gate, "__func__", None) is not Guard.gate or getattr(t.gate, "__self__", None) is not self:
+            problems.append("the tracer's gate was replaced")
+        if not t.enabled:
+            problems.append("the tracer was disabled")
+        if getattr(t._tls, "busy", False):
+            problems.append("the guard's own-footprint flag was left set")
+        if self.mode != self.spec.mode:
+            problems.append(f"the mode was changed to {self.mode!r}")
+        if _installed and _installed[0] is not self:
+            problems.append("the interceptors were pointed at another guard")
+        return problems
+
     def hop_to(self, tier: str) -> SandboxConfig:
         """Escalate now, or queue a de-escalation for the test boundary (DESIGN 3.2)."""
         self.state.config = self.engine.hop(self.config, tier)
@@ -157,7 +174,7 @@ class Guard:
     # ----------------------------------------------------------------- deciding
     def enforcing(self) -> bool:
         # Outside tests and collection (session phase) the runner is doing its own work.
-        return self.tracer.phase != "session" and not getattr(self.tracer._tls, "exempt", False)
+        return self.tracer.phase != "session"
 
     def decide(self, category: str, target: str, cls: str) -> Decision:
         config = self.config

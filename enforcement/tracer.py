@@ -38,6 +38,8 @@ ENV_CWD = "SANDHOP_CWD"
 ENV_ROOTS = "SANDHOP_ROOTS"
 
 FLUSH_EVERY = 512
+_CONTEXT_OWNERS = frozenset({"sandhop.enforcement.plugin", "sandhop.enforcement.enforcer",
+                             "sandhop.enforcement.lockdown", __name__})
 # Bookkeeping of the test runner itself, not of the code under test.
 _HARNESS_ENV = frozenset({"PYTEST_CURRENT_TEST"})
 _SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "fish"})
@@ -150,6 +152,14 @@ class Tracer:
 
     def set_context(self, test_id: str, phase: str) -> None:
         """Attribute the events that follow (and children spawned from now on) to this test."""
+        if self.gate is not None and sys._getframe(1).f_globals.get("__name__") not in _CONTEXT_OWNERS:
+            # The session phase is exempt from enforcement: only the plugin may enter it.
+            try:
+                self.emit("sys.tamper", "sandhop.set_context", "sandhop.set_context", phase, "interpreter")
+            except Blocked as blocked:
+                raise blocked.exc from None
+            raise PermissionError("sandhop: only the sandhop plugin may change the test context "
+                                  "(test code cannot borrow the runner's exemption)")
         self.flush()
         self.test_id, self.phase = test_id, phase
         self.executed.clear()
