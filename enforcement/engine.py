@@ -11,6 +11,7 @@ path at a dictionary lookup.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -55,6 +56,7 @@ class SandboxConfig:
     revocations: tuple[str, ...] = ()
     level: int = -1        # strictness; -1: that of the named tier template
     pending: str = ""      # a de-escalation waiting for the test boundary
+    pending_level: int = -1
     key: tuple = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -78,17 +80,18 @@ class SandboxConfig:
         level = TIER_LEVEL.get(tier, -1) if level is None else level
         if level < 0:
             raise ValueError(f"unknown tier {tier!r}; tiers are {', '.join(TIERS)}")
-        if self.tier == "lockdown" and tier != "lockdown":
+        lockdown = TIER_LEVEL["lockdown"]
+        if self.level >= lockdown and level < lockdown:
             raise HopError("lockdown is one-way: a test that reached it stays there until it ends")
         if level >= self.level:
-            return replace(self, tier=tier, level=level, pending="")
-        return replace(self, pending=tier)
+            return replace(self, tier=tier, level=level, pending="", pending_level=-1)
+        return replace(self, pending=tier, pending_level=level)
 
     def at_test_boundary(self) -> "SandboxConfig":
         """Apply a pending de-escalation (called between tests)."""
         if not self.pending:
             return self
-        return replace(self, tier=self.pending, level=TIER_LEVEL.get(self.pending, self.level), pending="")
+        return replace(self, tier=self.pending, level=self.pending_level, pending="", pending_level=-1)
 
 
 class _Target(Protocol):
@@ -108,6 +111,7 @@ class PolicyEngine:
         self._tiers_dir = tiers_dir
         self._compiled: dict[tuple, dict[str, tuple]] = {}
         self._cache: dict[tuple, Decision] = {}
+        self._loading: dict[str, None] = {}
         self.cache_size = cache_size
         # Tier templates load on first use: a child process needs only its own tier.
 
@@ -120,8 +124,11 @@ class PolicyEngine:
             self.policies[tier] = read_policy_file(path, roots=self.roots, resolve=self._resolve, name=tier)
         return self.policies[tier]
 
-    def _resolve(self, name: str) -> Policy:
-        return self.load_tier(name) if name in TIERS else self.load_file(name)
+    def _resolve(self, name: str, base: Path | None = None) -> Policy:
+        if name in TIERS:
+            return self.load_tier(name)
+        p = Path(name).expanduser()
+        return self.load_file(base / p if base is not None and not p.is_absolute() else p)
 
     def load_file(self, path: str | Path) -> Policy:
         """Load a user's policy file; it becomes a tier named by its path."""
@@ -131,7 +138,14 @@ class PolicyEngine:
             if not p.is_file():
                 raise PolicyError(str(path), 0, 0, f"no such policy file; give a tier ({', '.join(TIERS)}) "
                                   "or the path of a policy file")
-            policy = read_policy_file(p, roots=self.roots, resolve=self._resolve, name=name)
+            if name in self._loading:
+                raise PolicyError(str(path), 0, 0, "extends cycle: " + " -> ".join([*self._loading, name]))
+            self._loading[name] = None
+            try:
+                policy = read_policy_file(p, roots=self.roots, name=name,
+                                          resolve=lambda n: self._resolve(n, p.parent))
+            finally:
+                self._loading.pop(name, None)
             self.policies[name] = policy
             self.levels[name] = self.levels.get(policy.extends, TIER_LEVEL["medium"])
         return self.policies[name]
@@ -239,10 +253,18 @@ def suggest_rule(category: str, target: str) -> str:
     """The narrowest rule line (without effect) that names this exact target."""
     if category == "proc.spawn":
         exe = executable_of(target)
-        return f"{category} {exe.rsplit('/', 1)[-1] if '/' in exe else exe}"
+        return f"{category} {_literal_glob(exe.rsplit('/', 1)[-1] if '/' in exe else exe)}"
     if category in ("net.connect", "net.bind", "net.send") and target.startswith(("/", "${")):
-        return f"{category} unix:{target}"
-    return f"{category} {target.replace(' ', '?')}"
+        return f"{category} unix:{_literal_glob(target)}"
+    if category.startswith("fs.") or category == "code.native":
+        return f"{category} {_literal_glob(target)}"
+    return category + " " + re.sub(r"[*?]|\s", "?", target)
+
+
+def _literal_glob(text: str) -> str:
+    """A glob that matches exactly `text`: wildcards as one-character sets, whitespace as `?`
+    (rules are split on whitespace)."""
+    return re.sub(r"\s", "?", re.sub(r"[*?\[]", lambda m: f"[{m.group()}]", text))
 
 
 def _short(name: str) -> str:

@@ -84,7 +84,8 @@ class Policy:
 
 def parse_policy(text: str, *, name: str, source: str = "", roots: ev.Roots,
                  resolve: Callable[[str], "Policy"] | None = None) -> Policy:
-    """Parse policy text. `resolve` loads the policy named by an `extends` line."""
+    """Parse policy text. `resolve` loads the policy named by an `extends` line (a tier name, or a
+    file path relative to the file that extends it)."""
     source = source or name
     default = ""
     base: Policy | None = None
@@ -110,7 +111,7 @@ def parse_policy(text: str, *, name: str, source: str = "", roots: ev.Roots,
                 raise PolicyError(source, lineno, col, "`extends` is not available here", raw)
             try:
                 base = resolve(words[1][0])
-            except (PolicyError, OSError, KeyError) as exc:
+            except (PolicyError, OSError, KeyError, RecursionError) as exc:
                 raise PolicyError(source, lineno, words[1][1], f"cannot extend {words[1][0]!r}: {exc}", raw) from exc
             continue
         rules.append(parse_rule_words(words, roots=roots, source=source, lineno=lineno, raw=raw,
@@ -159,7 +160,7 @@ def parse_rule_words(words: list[tuple[str, int]], *, roots: ev.Roots, source: s
     pattern, pcol = words[2]
     if effect == "redirect":
         if len(words) != 4:
-            col = words[3][1] if len(words) > 4 else len(raw.rstrip()) + 1
+            col = words[4][1] if len(words) > 4 else len(raw.rstrip()) + 1
             raise PolicyError(source, lineno, col, "a redirect needs exactly one destination: "
                               "`redirect CATEGORY PATTERN DESTINATION`", raw)
         redirect_to, rcol = words[3]
@@ -221,10 +222,17 @@ def compile_pattern(pattern: str, categories: frozenset[str], roots: ev.Roots) -
             raise _PatternError(f"unknown target class {cls!r}; expected one of {', '.join(ev.TARGET_CLASSES)}", 1)
         return lambda t, c: c == cls
     matchers = {}
-    for category in categories:
+    for category in sorted(categories):
         kind = _kind(category)
         if kind not in matchers:
-            matchers[kind] = _COMPILERS[kind](pattern, roots)
+            try:
+                matchers[kind] = _COMPILERS[kind](pattern, roots)
+            except _PatternError as exc:
+                if len(categories) == 1:
+                    raise
+                raise _PatternError(f"{exc} (for {category}: a rule over several categories needs a "
+                                    "pattern that fits each; name one category or family instead)",
+                                    exc.offset) from None
     if len(matchers) == 1:
         return next(iter(matchers.values()))
     by_category = {c: matchers[_kind(c)] for c in categories}
@@ -291,7 +299,9 @@ def glob_regex(glob: str) -> str:
             if end < 0:
                 raise _PatternError("unclosed `[` in pattern", i)
             body = glob[i + 1:end]
-            out.append("[" + ("^" + re.escape(body[1:]) if body.startswith("!") else re.escape(body)) + "]")
+            negate = body.startswith("!")
+            inner = "".join("-" if ch == "-" else re.escape(ch) for ch in (body[1:] if negate else body))
+            out.append("[" + ("^" if negate else "") + inner + "]")
             i = end + 1
         else:
             out.append(re.escape(ch))
@@ -299,27 +309,40 @@ def glob_regex(glob: str) -> str:
     return "".join(out)
 
 
-def portable_glob(pattern: str, roots: ev.Roots) -> str:
-    """A path pattern in the portable spelling targets use (`~` and absolute prefixes)."""
-    if pattern.startswith("~/") or pattern == "~":
-        pattern = "${home}" + pattern[1:]
-    if pattern.startswith("/"):
-        # Only the literal leading part can be normalised; the glob part stays as written.
-        literal = re.split(r"[*?\[]", pattern, 1)[0]
-        head = literal.rsplit("/", 1)[0] if literal != pattern else pattern
-        if head and head != "/":
-            real = os.path.normpath(head)
-            pattern = ev.portable_path(real, roots) + pattern[len(head):]
-    return pattern
+def _real_head(pattern: str) -> str:
+    """An absolute pattern with its literal leading folders resolved as targets are (real paths:
+    `/bin/curl` on a merged-usr system is `/usr/bin/curl`)."""
+    literal = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+    head = literal.rsplit("/", 1)[0] if literal != pattern else pattern
+    if not head or head == "/":
+        return pattern
+    return os.path.realpath(head) + pattern[len(head):]
 
 
 def _compile_path(pattern: str, roots: ev.Roots) -> Matcher:
+    """Patterns with a variable (or `~`) match the portable target as stored; an absolute pattern
+    matches the target with its variable expanded to this machine's roots, so `/home/**` also
+    covers `${home}/...` and `/bin/curl` covers `/usr/bin/curl`."""
     _check_pattern_variables(pattern)
     if not (pattern.startswith(("/", "${", "~", "*"))):
         raise _PatternError("a path pattern must be absolute, start with a variable such as ${tmp}, "
                             "`~/`, `**/`, or be `@class` / `*`")
-    regex = re.compile(glob_regex(portable_glob(pattern, roots)) + r"\Z", re.DOTALL)
-    return lambda t, c: regex.match(t) is not None
+    if pattern.startswith("~/") or pattern == "~":
+        pattern = "${home}" + pattern[1:]
+    if not pattern.startswith("/"):
+        regex = re.compile(glob_regex(pattern) + r"\Z", re.DOTALL)
+        return lambda t, c: regex.match(t) is not None
+    regex = re.compile(glob_regex(_real_head(pattern)) + r"\Z", re.DOTALL)
+    expansions: dict[str, list[str]] = {}
+    for prefix, var in roots.prefixes():
+        expansions.setdefault(var[2:-1], []).append(prefix)
+
+    def match(t: str, c: str) -> bool:
+        if t.startswith("${"):
+            var, _, rest = t[2:].partition("}")
+            return any(regex.match(prefix + rest) is not None for prefix in expansions.get(var, ()))
+        return regex.match(t) is not None
+    return match
 
 
 def _check_pattern_variables(pattern: str) -> None:
@@ -444,7 +467,10 @@ def _compile_address(pattern: str, roots: ev.Roots) -> Matcher:
         if inner.startswith("@"):
             rx = re.compile(_name_regex(inner) + r"\Z")
             return lambda t, c: c == "unix" and rx.match(t) is not None
-        path = _compile_path(inner, roots)
+        try:
+            path = _compile_path(inner, roots)
+        except _PatternError as exc:
+            raise _PatternError(str(exc), exc.offset + len("unix:")) from None
         return lambda t, c: c == "unix" and path(t, c)
     host_text, port_text = _split_host_port(pattern)
     host = parse_host(host_text)

@@ -471,6 +471,25 @@ def _popen(t: Tracer, name: str, args: tuple) -> None:
     _loader_env(t, name, env)
     t.propagate(env)
     t.emit("proc.spawn", name, target, _shell_detail(argv))
+    _unguarded_python(t, name, argv)
+
+
+def _unguarded_python(t: Tracer, name: str, argv) -> None:
+    """A Python child started with -I, -E or -S skips sitecustomize, so it runs untraced and
+    unguarded: that is an event of its own, which strict tiers deny."""
+    if not isinstance(argv, (list, tuple)) or not argv:
+        return
+    if not os.path.basename(os.fsdecode(argv[0])).startswith("python"):
+        return
+    for arg in argv[1:]:
+        a = os.fsdecode(arg)
+        if not a.startswith("-") or a.startswith("--") or a in ("-c", "-m", "-"):
+            break
+        if any(flag in a[1:] for flag in "IES"):
+            t.emit("sys.tamper", name, "unguarded-child", a, "interpreter")
+            return
+        if a[-1] in "cmXW":  # -Xopt, -Wopt, or -c/-m glued to flags: the rest is not flags
+            break
 
 
 # Variables that make the dynamic loader run code in the child before its main program.
@@ -504,6 +523,7 @@ def _exec(t: Tracer, name: str, args: tuple) -> None:
     _loader_env(t, name, env)
     t.propagate(env)
     t.emit("proc.spawn", name, t.argv_target(path, argv), _shell_detail(argv))
+    _unguarded_python(t, name, argv)
     if name == "os.exec":
         t.flush()  # the process image is replaced: nothing buffered would survive
 
