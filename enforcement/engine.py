@@ -181,8 +181,14 @@ class PolicyEngine:
             for effect in _PRECEDENCE:
                 for rule in rules:
                     if rule.effect == effect and category in rule.categories:
-                        ordered.append((rule, specialise(rule, category)))
-            compiled[category] = (tuple(ordered), policy)
+                        # The decision a rule makes is fixed: build it once, not per event.
+                        decision = Decision(rule.effect, rule.rule_id, f"{rule.effect} by `{rule.text}` "
+                                            f"({rule.rule_id})", rule.redirect_to, rule.text)
+                        ordered.append((specialise(rule, category), decision))
+            short = _short(policy.name)
+            default = Decision(policy.default, f"{short}:default", f"no rule of {short} matches this "
+                               f"{category}; its default is {policy.default}")
+            compiled[category] = (tuple(ordered), default)
         self._compiled[config.key] = compiled
         return compiled
 
@@ -203,17 +209,13 @@ class PolicyEngine:
 
     def _decide_cold(self, category: str, target: str, target_class: str, config: SandboxConfig) -> Decision:
         try:
-            ordered, policy = self._rules_for(config)[category]
+            ordered, default = self._rules_for(config)[category]
         except KeyError:
             return Decision("deny", "engine:unknown-category", f"unknown category {category!r}: denied (fail closed)")
-        for rule, match in ordered:
+        for match, decision in ordered:
             if match(target, target_class):
-                where = rule.rule_id
-                return Decision(rule.effect, rule.rule_id, f"{rule.effect} by `{rule.text}` ({where})",
-                                rule.redirect_to, rule.text)
-        return Decision(policy.default, f"{_short(policy.name)}:default",
-                        f"no rule of {_short(policy.name)} matches {category} {target}; "
-                        f"its default is {policy.default}")
+                return decision
+        return default
 
     def decide_all(self, events: Iterable[_Target], config: SandboxConfig) -> Decision:
         """One decision for several views of one operation (a connect to an IP and the names it

@@ -12,10 +12,10 @@ Fail closed: `apply_lockdown` raises `LockdownUnavailable` when the kernel canno
 it, unless the caller explicitly allows a degraded run, which then lists what is NOT enforced.
 
 What lockdown never restricts, at any ABI: reading and executing files (secrets stay
-readable), UDP and Unix-socket traffic, signals to other processes and abstract Unix sockets
-(Landlock scopes, ABI 6, are deliberately not used: a test signalling a server that a fixture
-started before the fork would break), and file descriptors the test inherits already open
-(Landlock checks a file when it is opened).
+readable), UDP, connecting to existing Unix sockets, signals to other processes and abstract
+Unix sockets (Landlock scopes, ABI 6, are deliberately not used: a test signalling a server
+that a fixture started before the fork would break), and file descriptors the test inherits
+already open (Landlock checks a file when it is opened).
 
 Testing knob: the environment variable `SANDHOP_LANDLOCK_ABI=N` caps the Landlock ABI that
 `landlock_abi()` reports (and so what `apply_landlock` uses), to simulate an older kernel or,
@@ -83,9 +83,12 @@ class LockdownUnavailable(RuntimeError):
             "lockdown cannot be enforced on this kernel; these protections are missing:\n"
             f"{lines}\n"
             "Run on a Linux kernel with Landlock ABI >= 5 (Linux 6.10+, `lsm=landlock` enabled) "
-            "and seccomp filters, or pass --sandhop-allow-degraded to run anyway with the "
+            f"and seccomp filters, or pass {ALLOW_DEGRADED_FLAG} to run anyway with the "
             "protections above switched off (every degraded test then warns what was not "
             "enforced).")
+
+    def __reduce__(self):
+        return type(self), (self.missing,)
 
 
 class LockdownDegradedWarning(UserWarning):
@@ -224,11 +227,16 @@ def _open_path(path: str) -> tuple[int, bool]:
     return fd, stat.S_ISDIR(os.fstat(fd).st_mode)
 
 
-def apply_landlock(spec: LockdownSpec) -> None:
-    """Restrict this process (and all it starts) to `spec` with Landlock, for life."""
+def apply_landlock(spec: LockdownSpec, *, allow_degraded: bool = False) -> None:
+    """Restrict this process (and all it starts) to `spec` with Landlock, for life.
+
+    Raises LockdownUnavailable when the ABI cannot enforce all of `spec`, unless
+    `allow_degraded`, in which case it enforces what the ABI knows.
+    """
     abi = landlock_abi()
-    if abi < 1:
-        raise LockdownUnavailable([f"Landlock ({_abi_note(abi)})"])
+    gaps = not_enforced(spec, abi)
+    if abi < 1 or (gaps and not allow_degraded):
+        raise LockdownUnavailable(gaps)
     create, add_rule, restrict_self = _LANDLOCK_SYSCALLS[_machine()]
     handled_fs = handled_fs_access(abi)
     handled_net = handled_net_access(spec, abi)
@@ -336,6 +344,7 @@ SECCOMP_RET_ERRNO = 0x00050000
 SECCOMP_RET_ALLOW = 0x7FFF0000
 _SECCOMP_SET_MODE_FILTER = 1
 _SECCOMP_GET_ACTION_AVAIL = 2
+_SECCOMP_FILTER_FLAG_TSYNC = 1
 
 _BPF_LD_W_ABS = 0x20
 _BPF_JEQ_K = 0x15
@@ -415,8 +424,12 @@ def apply_seccomp() -> None:
     filters = (_SockFilter * len(instructions))(*(_SockFilter(*i) for i in instructions))
     prog = _SockFprog(len(instructions), ctypes.cast(filters, ctypes.POINTER(_SockFilter)))
     _set_no_new_privs()
-    _syscall("seccomp", _SPECIAL_SYSCALLS[machine]["seccomp"],
-             ctypes.c_uint(_SECCOMP_SET_MODE_FILTER), ctypes.c_uint(0), ctypes.byref(prog))
+    # TSYNC: every thread gets the filter (a nonzero result names a thread that could not).
+    failed_thread = _syscall("seccomp", _SPECIAL_SYSCALLS[machine]["seccomp"],
+                             ctypes.c_uint(_SECCOMP_SET_MODE_FILTER),
+                             ctypes.c_uint(_SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(prog))
+    if failed_thread != 0:
+        raise OSError(errno.EBUSY, f"seccomp: thread {failed_thread} could not take the filter")
 
 
 # --- lockdown = Landlock + seccomp -------------------------------------------------------------
@@ -472,7 +485,7 @@ def apply_lockdown(spec: LockdownSpec, *, allow_degraded: bool = False) -> list[
         raise LockdownUnavailable(gaps)
     _require_single_thread()
     if abi >= 1:
-        apply_landlock(spec)
+        apply_landlock(spec, allow_degraded=True)  # the gaps were judged above
     if seccomp_problem is None:
         apply_seccomp()
     return gaps
@@ -605,7 +618,8 @@ def run_forked(item, spec: LockdownSpec, *, allow_degraded: bool = False,
     run under lockdown too, so `spec.writable` must cover what they write (e.g. the basetemp
     for tmp_path). If lockdown cannot be applied the test fails (fail closed).
     """
-    from _pytest.runner import CallInfo, runtestprotocol
+    from _pytest.runner import runtestprotocol
+    from pytest import CallInfo
 
     ihook = item.ihook
     config = item.config
@@ -640,8 +654,9 @@ def run_forked(item, spec: LockdownSpec, *, allow_degraded: bool = False,
     if gaps:
         text = ("lockdown was DEGRADED for this test; NOT enforced:\n"
                 + "\n".join(f"  - {g}" for g in gaps))
-        _record_warning(item, warnings.WarningMessage(LockdownDegradedWarning(text),
-                                                      LockdownDegradedWarning, __file__, 0))
+        _record_warning(item, warnings.WarningMessage(
+            LockdownDegradedWarning(text), LockdownDegradedWarning, str(item.path),
+            (item.location[1] or 0) + 1))
     ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
 
@@ -655,7 +670,7 @@ def _forget_inherited_finalizers(session) -> None:
 
 
 def _reports_from_payload(item, payload: dict | None, status: int) -> list:
-    from _pytest.reports import TestReport
+    from pytest import TestReport
 
     config = item.config
     if payload is not None and "reports" in payload:
