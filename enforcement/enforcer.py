@@ -31,8 +31,10 @@ from sandhop.enforcement.tracer import ENV_GUARD, Tracer
 
 class Enforcer:
     def __init__(self, policy: str, *, mode: str = "enforce", audit_log: str | None = None,
-                 allow_degraded: bool = False) -> None:
+                 allow_degraded: bool = False, basetemp: str | None = None) -> None:
         self.policy = policy
+        # A --basetemp outside the system temp folder is still the tests' temp folder.
+        self.runner_grants = (f"fs.* {_literal(os.path.realpath(basetemp))}/**",) if basetemp else ()
         self.mode = mode
         self.audit_path = audit_log
         self.allow_degraded = allow_degraded
@@ -44,7 +46,6 @@ class Enforcer:
         self.totals = {"deny": 0, "redirect": 0}
         self.failed_tests: list[str] = []
         self.audit = None
-        self.degraded_notes: list[str] = []
         self._pid = os.getpid()
 
     # ----------------------------------------------------------------- start
@@ -61,8 +62,8 @@ class Enforcer:
         self.tracer = tracer
         try:
             engine = PolicyEngine(_decision_roots(tracer.roots))
-            spec = GuardSpec(policy=self.policy, mode=self.mode, violations=str(self.violations_path),
-                             run_id=self.run_id)
+            spec = GuardSpec(policy=self.policy, grants=self.runner_grants, mode=self.mode,
+                             violations=str(self.violations_path), run_id=self.run_id)
             self.guard = Guard(tracer, engine, spec)
         except PolicyError as exc:
             raise pytest.UsageError(f"--sandhop-policy {self.policy}: {exc}") from None
@@ -127,9 +128,10 @@ class Enforcer:
         from sandhop.enforcement import lockdown
         spec = lockdown.LockdownSpec(writable=self._writable(item),
                                      connect_ports=_granted_ports(config))
-        return lockdown.run_forked(item, spec, allow_degraded=self.allow_degraded)
+        return lockdown.run_forked(item, spec, allow_degraded=self.allow_degraded, nextitem=nextitem)
 
     def _writable(self, item: pytest.Item) -> tuple[str, ...]:
+        # The basetemp is made here, in the parent: the worker may not create it once locked.
         factory = getattr(item.config, "_tmp_path_factory", None)
         base = str(factory.getbasetemp()) if factory is not None else tempfile.gettempdir()
         return (base, str(self.run_dir), os.path.join(self.tracer.roots.tmp, "sandhop-overlay"),
@@ -241,12 +243,15 @@ class Enforcer:
                       f"operations, redirected {self.totals.get('redirect', 0)}"
                       + (f"; audit log {self.audit_path}" if self.audit_path else ""),
                       yellow=bool(self.totals.get("deny")))
-        for note in self.degraded_notes:
-            tr.write_line(f"sandhop: DEGRADED: {note}", red=True)
 
 
 def _as_list(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
+
+
+def _literal(path: str) -> str:
+    from sandhop.enforcement.engine import _literal_glob
+    return _literal_glob(path)
 
 
 def _granted_ports(config: SandboxConfig) -> tuple[int, ...]:

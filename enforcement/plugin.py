@@ -70,7 +70,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser, args) -> 
     if policy:
         from sandhop.enforcement.enforcer import Enforcer
         enforcer = Enforcer(policy, mode=ns.sandhop_mode, audit_log=ns.sandhop_audit_log,
-                            allow_degraded=ns.sandhop_allow_degraded)
+                            allow_degraded=ns.sandhop_allow_degraded,
+                            basetemp=getattr(ns, "basetemp", None))
         pm.register(enforcer, "sandhop-enforcer")
         tracer = enforcer.start(tracer)
     pm.register(Attribution(tracer), "sandhop-attribution")

@@ -286,3 +286,53 @@ def test_bad_policy_and_marker_are_usage_errors(pytester, home, tmp_path):
     """, "--sandhop-policy", "medium")
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*test_x: @pytest.mark.sandhop*expected a port*"])
+
+
+def test_lockdown_tier_confines_native_code_the_hook_cannot_see(pytester, home, tmp_path):
+    from sandhop.enforcement.lockdown import landlock_abi
+    if landlock_abi() < 1:
+        pytest.skip("this kernel has no Landlock")
+    outside = tmp_path / "outside.txt"
+    result = run(pytester, f"""
+        import ctypes, os, pytest
+
+        def write_with_libc(path):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            fd = libc.open(path.encode(), os.O_WRONLY | os.O_CREAT, 0o644)
+            return fd, ctypes.get_errno()
+
+        @pytest.mark.sandhop(tier="lockdown", allow=["code.native"])
+        def test_locked(tmp_path):
+            fd, err = write_with_libc({str(outside)!r})
+            assert fd == -1 and err == 13          # EACCES from Landlock, not from the hook
+            inside, _ = write_with_libc(str(tmp_path / "inside.txt"))
+            assert inside >= 0
+            assert "Seccomp:\\t2" in open("/proc/self/status").read()
+
+        @pytest.mark.sandhop(allow=["code.native"])
+        def test_medium_is_only_a_tripwire():
+            fd, err = write_with_libc({str(outside)!r})
+            assert fd >= 0                       # the in-process guard cannot see libc calls
+            os.close(fd)
+
+        def test_after_lockdown_the_runner_is_unconfined():
+            assert "Seccomp:\\t0" in open("/proc/self/status").read()
+    """, "--sandhop-policy", "medium")
+    result.assert_outcomes(passed=3)
+    assert outside.exists()  # written by the medium test only
+
+
+def test_lockdown_fails_closed_without_landlock(pytester, home, monkeypatch):
+    monkeypatch.setenv("SANDHOP_LANDLOCK_ABI", "0")
+    source = """
+        import pytest
+        @pytest.mark.sandhop(tier="lockdown")
+        def test_locked():
+            pass
+    """
+    result = run(pytester, source, "--sandhop-policy", "medium")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*Landlock*", "*--sandhop-allow-degraded*"])
+    result = run(pytester, source, "--sandhop-policy", "medium", "--sandhop-allow-degraded")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*DEGRADED*", "*NOT restricted*"])
