@@ -47,6 +47,7 @@ class Enforcer:
         self.failed_tests: list[str] = []
         self.audit = None
         self._pid = os.getpid()
+        self._configs: dict[str, SandboxConfig] = {}
 
     # ----------------------------------------------------------------- start
     def start(self, tracer: Tracer | None) -> Tracer:
@@ -71,6 +72,7 @@ class Enforcer:
             raise pytest.UsageError(str(exc)) from None
         self.engine = engine
         self.guard.install()
+        self._base_json = self.tracer.extra_env[ENV_GUARD]
         for key, value in tracer.child_environment().items():
             os.putenv(key, value)
         if self.audit_path:
@@ -103,17 +105,21 @@ class Enforcer:
             raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.sandhop: {exc}") from None
 
     def _begin(self, item: pytest.Item) -> None:
-        config = self.config_for(item)
+        config = self._configs.pop(item.nodeid, None) or self.config_for(item)
         self.guard.begin_test(item.nodeid, config)
-        spec = GuardSpec(policy=config.tier, grants=config.grants, revocations=config.revocations,
-                         mode=self.mode, violations=str(self.violations_path), run_id=self.run_id)
-        self.tracer.extra_env[ENV_GUARD] = spec.to_json()
-        os.putenv(ENV_GUARD, spec.to_json())
+        if config is not self.guard.base:  # children of this test enforce its config too
+            spec = GuardSpec(policy=config.tier, grants=config.grants, revocations=config.revocations,
+                             mode=self.mode, violations=str(self.violations_path), run_id=self.run_id)
+            self._set_child_spec(spec.to_json())
 
     def _end(self) -> None:
         self.guard.end_test()
-        base = self.tracer.extra_env[ENV_GUARD] = self.guard.spec.to_json()
-        os.putenv(ENV_GUARD, base)
+        self._set_child_spec(self._base_json)
+
+    def _set_child_spec(self, text: str) -> None:
+        if self.tracer.extra_env.get(ENV_GUARD) != text:
+            self.tracer.extra_env[ENV_GUARD] = text
+            os.putenv(ENV_GUARD, text)
 
     @pytest.fixture
     def sandhop_guard(self) -> Guard:
@@ -122,7 +128,7 @@ class Enforcer:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
-        config = self.config_for(item)
+        config = self._configs[item.nodeid] = self.config_for(item)
         if config.tier != "lockdown":
             return None
         from sandhop.enforcement import lockdown

@@ -83,7 +83,7 @@ def own_paths(spec_json: str) -> tuple[str, ...]:
 class _TestState:
     test_id: str = ""
     config: SandboxConfig | None = None
-    overlay: str = ""                       # real folder of this test's overlay
+    in_test: bool = False                   # redirects into an overlay need a running test
     redirected: set = field(default_factory=set)   # portable targets written to the overlay
     whiteouts: set = field(default_factory=set)    # portable targets deleted in the overlay
     names: dict = field(default_factory=dict)      # ip -> host names it was looked up as
@@ -133,14 +133,13 @@ class Guard:
 
     def begin_test(self, test_id: str, config: SandboxConfig | None = None) -> None:
         """A new test: its own config (base + marker), overlay and DNS memory; nothing carries over."""
-        self.state = _TestState(test_id=test_id, config=config or self.base)
-        self.state.overlay = os.path.join(self._overlay_base(), hashlib.sha1(test_id.encode()).hexdigest()[:16])
+        self.state = _TestState(test_id=test_id, config=config or self.base, in_test=True)
 
     def end_test(self) -> None:
-        overlay = self.state.overlay
+        st = self.state
         self.state = _TestState(test_id="", config=self.base)
-        if overlay:
-            self._busy(shutil.rmtree, overlay, ignore_errors=True)
+        if st.redirected or st.whiteouts:
+            self._busy(shutil.rmtree, self._overlay_root(st), ignore_errors=True)
 
     @property
     def config(self) -> SandboxConfig:
@@ -168,8 +167,9 @@ class Guard:
         self.state.config = self.engine.hop(self.config, tier)
         return self.state.config
 
-    def _overlay_base(self) -> str:
-        return os.path.join(self.tracer.roots.tmp, "sandhop-overlay", self.spec.run_id or str(os.getpid()))
+    def _overlay_root(self, st: _TestState) -> str:
+        return os.path.join(self.tracer.roots.tmp, "sandhop-overlay", self.spec.run_id or str(os.getpid()),
+                            hashlib.sha1(st.test_id.encode()).hexdigest()[:16])
 
     # ----------------------------------------------------------------- deciding
     def enforcing(self) -> bool:
@@ -309,7 +309,7 @@ class Guard:
             return self._overlay_path(target) if target in st.redirected else None
         category = "fs.delete" if deleting else "fs.write"
         d = self.decide(category, target, cls)
-        if d.effect != "redirect" or not st.overlay:
+        if d.effect != "redirect" or not st.in_test:
             return None
         new = self._overlay_path(target)
         self._busy(self._prepare_overlay, path, new, target, deleting)
@@ -330,7 +330,7 @@ class Guard:
 
     def _overlay_path(self, target: str) -> str:
         rel = target.replace("${", "").replace("}", "", 1).lstrip("/")
-        return os.path.join(self.state.overlay, rel)
+        return os.path.join(self._overlay_root(self.state), rel)
 
     def redirect_address(self, sock, address, category: str = "net.connect"):
         """The address a connect/sendto must use instead (the sinkhole), or None; `False` for a
