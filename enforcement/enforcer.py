@@ -55,6 +55,7 @@ class Enforcer:
             tracer = Tracer(None, time.monotonic_ns(), ev.Roots.current(), phase="collect",
                             own=(str(self.run_dir),))
             boot = make_boot_dir(self.run_dir / "boot")
+            tracer.boot_dir = str(boot)  # explicit env dicts of children get it too
             pythonpath = os.environ.get("PYTHONPATH")
             os.putenv("PYTHONPATH", os.pathsep.join([str(boot)] + ([pythonpath] if pythonpath else [])))
             tracer.install()
@@ -71,17 +72,24 @@ class Enforcer:
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
         self.engine = engine
-        self.guard.install()
-        self._base_json = self.tracer.extra_env[ENV_GUARD]
-        for key, value in tracer.child_environment().items():
-            os.putenv(key, value)
+        # The audit log (and its key) is opened before the guard decides anything.
         if self.audit_path:
             from sandhop.enforcement.audit import AuditLog
             Path(self.audit_path).parent.mkdir(parents=True, exist_ok=True)
             self.audit = AuditLog(self.audit_path)
+            # The key signs the log; the code under test never needs to see it.
+            os.environ.pop("SANDHOP_AUDIT_KEY", None)
             self.audit.append({"kind": "session", "event": "start", "run_id": self.run_id,
                                "policy": self.policy, "mode": self.mode, "pid": os.getpid(),
                                "t": time.time()})
+        self.guard.install()
+        try:
+            self.guard.selftest()
+        except RuntimeError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        self._base_json = self.tracer.extra_env[ENV_GUARD]
+        for key, value in tracer.child_environment().items():
+            os.putenv(key, value)
         return tracer
 
     # ----------------------------------------------------------------- per test
@@ -122,9 +130,9 @@ class Enforcer:
             os.putenv(ENV_GUARD, text)
 
     @pytest.fixture
-    def sandhop_guard(self) -> Guard:
-        """This process's guard: `sandhop_guard.hop_to("high")` escalates the running test."""
-        return self.guard
+    def sandhop_guard(self) -> "Hopper":
+        """Hop the running test: `sandhop_guard.hop_to("high")` escalates at once."""
+        return Hopper(self.guard.hop_to)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
@@ -205,9 +213,7 @@ class Enforcer:
         try:
             if os.stat(self.violations_path).st_size <= self._offset:
                 return
-            with open(self.violations_path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read()
+            data = self.guard._busy(_read_from, self.violations_path, self._offset)
         except FileNotFoundError:
             return
         end = data.rfind(b"\n") + 1
@@ -240,7 +246,7 @@ class Enforcer:
             self.audit.close()
 
     def pytest_unconfigure(self, config) -> None:
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.guard._busy(shutil.rmtree, self.run_dir, ignore_errors=True)
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         tr = terminalreporter
@@ -251,8 +257,23 @@ class Enforcer:
                       yellow=bool(self.totals.get("deny")))
 
 
+class Hopper:
+    """What a test may do to its own sandbox: hop (escalation now, de-escalation at the boundary)."""
+
+    __slots__ = ("hop_to",)
+
+    def __init__(self, hop_to) -> None:
+        self.hop_to = hop_to
+
+
 def _as_list(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()
 
 
 def _literal(path: str) -> str:

@@ -234,10 +234,12 @@ class PolicyEngine:
         self._cache.clear()
 
     # ----------------------------------------------------------------- messages
-    def how_to_allow(self, category: str, target: str, target_class: str, config: SandboxConfig) -> str:
+    def how_to_allow(self, category: str, target: str, target_class: str, config: SandboxConfig,
+                     decision: Decision | None = None) -> str:
         """What to add so this operation is allowed: a policy line or marker, or the tier that
-        allows it when a deny rule (which no allow can beat) decided."""
-        d = self.decide_target(category, target, target_class, config)
+        allows it when a deny rule (which no allow can beat) decided. `decision`: the one made
+        (for an operation decided over several views, see `decide_all`)."""
+        d = decision or self.decide_target(category, target, target_class, config)
         if d.effect == "allow":
             return "it is allowed"
         line = suggest_rule(category, target)

@@ -281,7 +281,7 @@ PROC_SECRETS: tuple[str, ...] = ("/proc/*/environ", "/proc/*/mem", "/proc/*/maps
 
 _SECRET_ENV = re.compile(
     r"(^|_)(API_?KEY|KEYS?|TOKEN|SECRET|PASSWORD|PASSWD|PASS|PWD|CREDENTIALS?|COOKIE|AUTH|DSN|PRIVATE)(_|$)"
-    r"|ACCESS_KEY|^DATABASE_URL$",
+    r"|ACCESS_KEY|PASSWORD|PASSWD|JWT|^DATABASE_URL$",
     re.IGNORECASE,
 )
 _NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})

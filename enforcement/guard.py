@@ -37,6 +37,7 @@ from sandhop.enforcement.tracer import ENV_GUARD, Blocked, Tracer
 
 MODES = ("enforce", "audit")
 _NET_SEND = ("net.connect", "net.send")
+_FS = frozenset({"fs.read", "fs.write", "fs.delete", "fs.meta"})
 _IP_CLASSES = frozenset({"loopback", "private_net", "link_local", "metadata_ip", "public_net",
                          "multicast", "unspecified"})
 
@@ -100,9 +101,15 @@ class Guard:
         self.engine = engine
         self.spec = spec
         self.base = engine.config(spec.policy, grants=spec.grants, revocations=spec.revocations)
+        self.roots = tracer.roots          # as the run started (HOME may be faked later)
+        self.home = tracer.roots.home
         self.mode = spec.mode
         self.state = _TestState(test_id=tracer.test_id, config=self.base)
         self.sinkhole: _Sinkhole | None = None
+        self._suite_root = tracer.roots.cwd.rstrip("/") + "/"
+        self._runner_roots = tuple(p.rstrip("/") + "/" for p in (*tracer.roots.site, tracer.roots.python,
+                                                                 tracer.roots.stdlib, *tracer.roots.other_pythons)
+                                   if p) + (os.path.dirname(os.path.abspath(__file__)) + "/",)
         self._vfd = -1
         self._lock = threading.Lock()
         self.decisions = 0
@@ -118,14 +125,26 @@ class Guard:
     def install(self) -> None:
         """Attach to the tracer and intercept what must be redirected. Idempotent per process."""
         self.tracer.gate = self.gate
+        self.tracer.own_files = self._own_file
         self.tracer.extra_env[ENV_GUARD] = self.spec.to_json()
         self._open_violations()
         os.register_at_fork(after_in_child=self._after_fork)
         _intercept(self)
 
+    def selftest(self) -> None:
+        """Prove the audit hook is live: code that ran earlier can stop `sys.addaudithook` from
+        adding it (CPython then skips the hook silently)."""
+        import sys
+        self.tracer.selftest_ok = False
+        sys.audit("sandhop.selftest")
+        if not self.tracer.selftest_ok:
+            raise RuntimeError("sandhop: the guard's audit hook is not installed (code that ran before "
+                               "sandhop blocked sys.addaudithook); refusing to run unguarded")
+
     def _open_violations(self) -> None:
         if self.spec.violations:
-            self._vfd = os.open(self.spec.violations, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            self._vfd = self._busy(os.open, self.spec.violations,
+                                   os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
@@ -173,8 +192,21 @@ class Guard:
 
     # ----------------------------------------------------------------- deciding
     def enforcing(self) -> bool:
-        # Outside tests and collection (session phase) the runner is doing its own work.
-        return self.tracer.phase != "session"
+        # Outside tests and collection (the session phase) the runner does its own work; what
+        # the suite's own code does there (conftest hooks, atexit handlers) is still decided.
+        return self.tracer.phase != "session" or self._suite_code_running()
+
+    def _suite_code_running(self) -> bool:
+        import sys
+        frame = sys._getframe(2)
+        depth = 0
+        while frame is not None and depth < 64:
+            filename = frame.f_code.co_filename
+            if filename.startswith(self._suite_root) and not filename.startswith(self._runner_roots):
+                return True
+            frame = frame.f_back
+            depth += 1
+        return False
 
     def decide(self, category: str, target: str, cls: str) -> Decision:
         config = self.config
@@ -192,7 +224,7 @@ class Guard:
         if cls in _IP_CLASSES:
             for name in sorted(self.state.names.get(host, ())):
                 views.append(_View("net.connect", ev.format_address(name, port), ev.host_class(name)))
-        elif cls == "domain":
+        elif ev.canonical_ip(host) is None:  # a name (also `localhost`): where it really points
             for ip in self._resolve(host):
                 views.append(_View("net.connect", ev.format_address(ip, port), ev.ip_class(ip)))
         return views
@@ -213,8 +245,16 @@ class Guard:
         """Called by the tracer with every decoded event; raises `Blocked` to stop it."""
         if not self.enforcing():
             return
+        if category in _FS and self.tracer.roots.home != self.home:
+            # HOME was changed (a fake home): the real one's secrets stay what they were.
+            original = self._original_view(category, target)
+            if original is not None:
+                d = self.engine.decide_all([_View(category, target, cls), original], self.config)
+                return self._act(category, op, target, detail, cls, d)
         self.decisions += 1
-        d = self.decide(category, target, cls)
+        self._act(category, op, target, detail, cls, self.decide(category, target, cls))
+
+    def _act(self, category: str, op: str, target: str, detail: str, cls: str, d: Decision) -> None:
         if d.effect == "allow":
             return
         if d.effect == "redirect" and self.mode == "audit":
@@ -231,6 +271,27 @@ class Guard:
                          "(use open(), os.open() or socket.connect(), which the guard intercepts)",
                          rule_text=d.rule_text)
         record = self.record(category, op, target, detail, cls, d)
+        if self.mode == "enforce":
+            raise Blocked(SandboxViolation(record["message"], record))
+
+    def _original_view(self, category: str, target: str):
+        if not target.startswith("${"):
+            return None
+        var, _, rest = target[2:].partition("}")
+        real = {"home": self.tracer.roots.home, "tmp": self.tracer.roots.tmp,
+                "cwd": self.tracer.roots.cwd}.get(var)
+        if real is None:
+            return None
+        again = ev.portable_path(real + rest, self.roots)
+        return _View(category, again, ev.path_class(again)) if again != target else None
+
+    def _own_file(self, real: str) -> None:
+        """Test code touched the guard's run folder (violations file, children's bootstrap)."""
+        if not self.enforcing():
+            return
+        d = Decision("deny", "guard:own-files", "the guard's run folder (its violations file and the "
+                     "bootstrap of child processes) is not for the code under test")
+        record = self.record("fs.write", "guard.own-files", real, "", "other", d)
         if self.mode == "enforce":
             raise Blocked(SandboxViolation(record["message"], record))
 
@@ -254,7 +315,9 @@ class Guard:
                "decision": d.effect, "rule": d.rule_id, "rule_text": d.rule_text, "tier": config.tier,
                "mode": self.mode, "reason": d.reason, "redirect_to": d.redirect_to}
         if d.effect == "deny":
-            rec["fix"] = self.engine.how_to_allow(category, target, cls, config)
+            # Loading another tier's file to say which would allow it is the guard's own work.
+            rec["fix"] = ("no policy allows it (the guard protects itself)" if d.rule_id.startswith("guard:")
+                          else self._busy(self.engine.how_to_allow, category, target, cls, config, d))
             rec["message"] = (f"sandhop {'denied' if self.mode == 'enforce' else 'would deny'} "
                               f"{category} {target} (op {op}, tier {_short(config.tier)}"
                               f"{', test ' + rec['test_id'] if rec['test_id'] else ''}): {d.reason}. "
@@ -353,6 +416,19 @@ class Guard:
         host, port = self.sinkhole.address
         return ("::ffff:" + host, port) if getattr(sock, "family", None) == socket.AF_INET6 else (host, port)
 
+    def check_write(self, op: str, path, dir_fd=None) -> None:
+        """Decide a write the interpreter does not audit (mkfifo, mknod)."""
+        if getattr(self.tracer._tls, "busy", False) or not self.tracer.enabled:
+            return
+        try:
+            target, cls = self._busy(self.tracer.path, path, dir_fd)
+        except Exception:
+            target, cls = os.fsdecode(path) if isinstance(path, (str, bytes)) else str(path), "other"
+        try:
+            self.gate("fs.write", op, target, "", cls)
+        except Blocked as blocked:
+            raise blocked.exc from None
+
     def remember_lookup(self, host, infos) -> None:
         name = ev.normalise_host(host) if isinstance(host, (str, bytes)) else ""
         if not name or ev.canonical_ip(name) is not None:
@@ -416,6 +492,9 @@ _real_getaddrinfo = socket.getaddrinfo
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
 _real_sendto = socket.socket.sendto
+_real_mkfifo = os.mkfifo
+_real_mknod = os.mknod
+_readlink = os.readlink
 _installed: list[Guard] = []
 
 
@@ -449,6 +528,12 @@ def _intercept(guard: Guard) -> None:
         return _redirecting(_real_open, new, mode, *args, **kwargs)
 
     def os_open(path, flags, mode=0o777, *, dir_fd=None):
+        if dir_fd is not None and not isinstance(path, int):
+            # The audit event of open() carries no dir_fd: open by the full path instead, so
+            # what is decided is what is opened.
+            p = os.fsdecode(path)
+            if not p.startswith("/"):
+                path, dir_fd = _readlink(f"/proc/self/fd/{dir_fd}") + "/" + p, None
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & (os.O_CREAT | os.O_TRUNC | os.O_APPEND))
         new = current().redirect_path(path, writing) if dir_fd is None else None
         if new is None:
@@ -475,23 +560,46 @@ def _intercept(guard: Guard) -> None:
             pass
         return infos
 
+    def resolved(sock, address):
+        """A host name resolved once, here, where the lookup is decided (net.dns) and remembered:
+        C would resolve it before the audit event, and again later (DNS rebinding)."""
+        if (isinstance(address, tuple) and len(address) >= 2 and isinstance(address[0], (str, bytes))
+                and getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6)
+                and ev.canonical_ip(os.fsdecode(address[0])) is None):
+            infos = socket.getaddrinfo(address[0], address[1], sock.family, sock.type)
+            if infos:
+                return (infos[0][4][0], *address[1:])
+        return address
+
     def connect(self, address):
+        address = resolved(self, address)
         new = current().redirect_address(self, address)
         if new:
             return _redirecting(_real_connect, self, new)
         return _real_connect(self, address)
 
     def connect_ex(self, address):
+        address = resolved(self, address)
         new = current().redirect_address(self, address)
         if new:
             return _redirecting(_real_connect_ex, self, new)
         return _real_connect_ex(self, address)
 
     def sendto(self, data, *args):
+        if args:
+            args = (*args[:-1], resolved(self, args[-1]))
         address = args[-1] if args else None
         if current().redirect_address(self, address, "net.send") is False:
             return len(data)
         return _real_sendto(self, data, *args)
+
+    def make_node(real, op):
+        # mkfifo and mknod raise no audit event: decide them as writes here.
+        def node(path, *args, dir_fd=None, **kwargs):
+            current().check_write(op, path, dir_fd)
+            return real(path, *args, dir_fd=dir_fd, **kwargs)
+        node.__name__ = real.__name__
+        return node
 
     open_.__doc__ = _real_open.__doc__
     builtins.open = io.open = open_
@@ -502,3 +610,5 @@ def _intercept(guard: Guard) -> None:
     socket.socket.connect = connect
     socket.socket.connect_ex = connect_ex
     socket.socket.sendto = sendto
+    os.mkfifo = make_node(_real_mkfifo, "os.mkfifo")
+    os.mknod = make_node(_real_mknod, "os.mknod")

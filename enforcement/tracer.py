@@ -18,6 +18,7 @@ import atexit
 import dataclasses
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -45,6 +46,9 @@ _HARNESS_ENV = frozenset({"PYTEST_CURRENT_TEST"})
 _SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "fish"})
 
 _active: "Tracer | None" = None
+# Bound at import: what a path *is* must not change when code under test monkeypatches os.
+_readlink = os.readlink
+_fsdecode = os.fsdecode
 
 
 def active() -> "Tracer | None":
@@ -75,6 +79,7 @@ class Tracer:
         self.executed: set[int] = set()
         # The enforcement guard: called with every decoded event; may raise `Blocked`.
         self.gate = None
+        self.own_files = None
         self.extra_env: dict[str, str] = {}
         self._stable_prefixes = tuple(p + "/" for p in (*roots.site, roots.stdlib, roots.python, *roots.other_pythons) if p)
         # The recorder's own folders (its spool, the copy of sandhop it runs from): touching
@@ -231,15 +236,19 @@ class Tracer:
     def path(self, p, dir_fd=None) -> tuple[str, str]:
         """(portable target, class) of a path argument; fds are resolved through /proc."""
         if isinstance(p, int):
-            p = os.readlink(f"/proc/self/fd/{p}")
-        s = os.fsdecode(p)
-        if not os.path.isabs(s) and isinstance(dir_fd, int):
-            s = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), s)
+            p = _readlink(f"/proc/self/fd/{p}")
+        s = _fsdecode(p)
+        if not s.startswith("/") and isinstance(dir_fd, int):
+            s = _readlink(f"/proc/self/fd/{dir_fd}") + "/" + s
         hit = self._stable.get(s)
         if hit is not None:
             return hit
         real = ev.normalise_path(s)
         if any(real == d or real.startswith(d + "/") for d in self._own):
+            if self.gate is not None and self.own_files is not None:
+                # Only the guard itself (which works with `busy` set, so never gets here) may
+                # touch its run folder: the violations file and the children's bootstrap.
+                self.own_files(real)
             raise _OwnFootprint
         target = ev.portable_path(real, self.roots)
         result = (target, ev.path_class(target))
@@ -296,7 +305,7 @@ class Tracer:
         key = os.fsdecode(name) if isinstance(name, (str, bytes)) else str(name)
         if key != "*" and not ev.is_secret_env_name(key):
             return False
-        if key.startswith("SANDHOP_"):
+        if key.startswith("SANDHOP_") and key != "SANDHOP_AUDIT_KEY":
             return False
         self._tls.busy = True
         self._tls.hide = False
@@ -338,6 +347,9 @@ class _TracedEnviron(os._Environ):
         if _active is not None and _active.env_read("*", "environ.iter"):
             return (k for k in super().__iter__() if not _hidden(k))
         return super().__iter__()
+
+    def __repr__(self):
+        return f"environ({self.copy()!r})"
 
     def copy(self):
         items = {self.decodekey(k): self.decodevalue(v) for k, v in self._data.items()}
@@ -471,25 +483,55 @@ def _popen(t: Tracer, name: str, args: tuple) -> None:
     _loader_env(t, name, env)
     t.propagate(env)
     t.emit("proc.spawn", name, target, _shell_detail(argv))
-    _unguarded_python(t, name, argv)
+    _unguarded_python(t, name, executable, argv, env)
+    _spawned_commands(t, name, argv)
 
 
-def _unguarded_python(t: Tracer, name: str, argv) -> None:
-    """A Python child started with -I, -E or -S skips sitecustomize, so it runs untraced and
-    unguarded: that is an event of its own, which strict tiers deny."""
+def _spawned_commands(t: Tracer, name: str, argv) -> None:
     if not isinstance(argv, (list, tuple)) or not argv:
         return
-    if not os.path.basename(os.fsdecode(argv[0])).startswith("python"):
+    words = [os.fsdecode(a) for a in argv]
+    if _shell_detail(argv) == "shell" and len(words) > 2:
+        _inner_commands(t, name, words[2])
+    elif os.path.basename(words[0]) in ("env", "nohup", "nice", "timeout", "stdbuf", "setsid"):
+        _wrapped_program(t, name, words)
+
+
+def _unguarded_python(t: Tracer, name: str, executable, argv, env) -> None:
+    """A Python child that skips sitecustomize (-I, -E, -S) or gets an environment the guard
+    cannot extend runs untraced and unguarded: that is an event of its own, which strict tiers
+    deny."""
+    if not isinstance(argv, (list, tuple)) or not argv:
         return
-    for arg in argv[1:]:
-        a = os.fsdecode(arg)
-        if not a.startswith("-") or a.startswith("--") or a in ("-c", "-m", "-"):
+    exe = os.fsdecode(executable) if executable is not None else os.fsdecode(argv[0])
+    names = {os.path.basename(exe), os.path.basename(os.fsdecode(argv[0]))}
+    try:
+        names.add(os.path.basename(os.path.realpath(shutil.which(exe) or exe)))
+    except (OSError, ValueError):
+        pass
+    if not any(n.startswith("python") for n in names):
+        return
+    if env is not None and not isinstance(env, dict):
+        t.emit("sys.tamper", name, "unguarded-child", "env is not a dict", "interpreter")
+        return
+    args = [os.fsdecode(a) for a in argv[1:]]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("-") or a.startswith("--") or a == "-":
             break
-        if any(flag in a[1:] for flag in "IES"):
-            t.emit("sys.tamper", name, "unguarded-child", a, "interpreter")
-            return
-        if a[-1] in "cmXW":  # -Xopt, -Wopt, or -c/-m glued to flags: the rest is not flags
-            break
+        letters = a[1:]
+        for j, ch in enumerate(letters):
+            if ch in "IES":
+                t.emit("sys.tamper", name, "unguarded-child", a, "interpreter")
+                return
+            if ch in "cm":
+                return
+            if ch in "XWQ":
+                if j == len(letters) - 1:
+                    i += 1  # the option's value is the next word
+                break
+        i += 1
 
 
 # Variables that make the dynamic loader run code in the child before its main program.
@@ -512,7 +554,45 @@ def _shell_detail(argv) -> str:
 
 
 def _system(t: Tracer, name: str, args: tuple) -> None:
-    t.emit("proc.spawn", name, t.argv_target("/bin/sh", ["/bin/sh", "-c", os.fsdecode(args[0])]), "shell")
+    command = os.fsdecode(args[0])
+    t.emit("proc.spawn", name, t.argv_target("/bin/sh", ["/bin/sh", "-c", command]), "shell")
+    _inner_commands(t, name, command)
+
+
+def _inner_commands(t: Tracer, name: str, command: str) -> None:
+    """The programs a shell command line runs (first word of each pipeline part), so that an
+    allowed shell is not a way around a denied program."""
+    for part in re.split(r"[|;&()`\n]|\$\(", command):
+        try:
+            words = shlex.split(part)
+        except ValueError:
+            words = part.split()
+        _wrapped_program(t, name, words, top=False)
+
+
+_WRAPPERS = frozenset({"env", "nohup", "nice", "timeout", "stdbuf", "setsid", "exec", "command", "builtin"})
+
+
+def _wrapped_program(t: Tracer, name: str, words: list[str], top: bool = True) -> None:
+    """`env A=1 prog`, `nohup prog`, `timeout 5 prog`: decide `prog` (and `A`). With `top`, the
+    words are a spawn already decided; otherwise (a shell line) the program itself is new."""
+    words = list(words)
+    while words and "=" in words[0] and not words[0].startswith(("-", "=")):
+        t.emit("env.write", name + ".env", words.pop(0).split("=", 1)[0])
+    if not words:
+        return
+    exe = os.path.basename(words[0])
+    if exe in _WRAPPERS:
+        rest = words[1:]
+        while rest and rest[0].startswith("-"):
+            rest = rest[1:]
+        if exe == "timeout" and rest:
+            rest = rest[1:]
+        if rest:
+            _wrapped_program(t, name, rest, top=False)
+        return
+    if not top:
+        t.emit("proc.spawn", name + ".inner", t.argv_target(None, words), "")
 
 
 def _exec(t: Tracer, name: str, args: tuple) -> None:
@@ -523,7 +603,8 @@ def _exec(t: Tracer, name: str, args: tuple) -> None:
     _loader_env(t, name, env)
     t.propagate(env)
     t.emit("proc.spawn", name, t.argv_target(path, argv), _shell_detail(argv))
-    _unguarded_python(t, name, argv)
+    _unguarded_python(t, name, path, argv, env)
+    _spawned_commands(t, name, argv)
     if name == "os.exec":
         t.flush()  # the process image is replaced: nothing buffered would survive
 
@@ -645,7 +726,8 @@ _HANDLERS = {
     "shutil.make_archive": _path_event("fs.write", 0),
     "shutil.unpack_archive": lambda t, n, a: _path_event("fs.write", 1)(t, n, a) if len(a) > 1 and a[1] else None,
     "os.rename": _two_paths("fs.delete", "fs.write", (2, 3)),
-    "os.link": _two_paths("fs.read", "fs.write", (2, 3)),
+    # a hard link is write access to its source's inode, wherever the link lives
+    "os.link": _two_paths("fs.write", "fs.write", (2, 3)),
     "os.symlink": _two_paths(None, "fs.write"),
     "shutil.copyfile": _two_paths("fs.read", "fs.write"),
     "shutil.copymode": _two_paths(None, "fs.meta"),
@@ -695,6 +777,7 @@ _HANDLERS = {
     "gc.get_objects": _tamper,
     "gc.get_referrers": _tamper,
     "gc.get_referents": _tamper,
+    "sandhop.selftest": lambda t, n, a: setattr(t, "selftest_ok", True),
 }
 
 AUDIT_EVENTS: frozenset[str] = frozenset(_HANDLERS)
@@ -716,7 +799,8 @@ def install_from_env() -> "Tracer | None":
         from sandhop.enforcement import guard as guard_module
         own = guard_module.own_paths(guard_spec)
     tracer = Tracer.from_env(own=own)
-    if guard_spec:
-        guard_module.Guard.from_env(tracer, guard_spec)
+    guard = guard_module.Guard.from_env(tracer, guard_spec) if guard_spec else None
     tracer.install()
+    if guard is not None:
+        guard.selftest()  # a child whose hook is not live must not run (boot exits with 126)
     return tracer

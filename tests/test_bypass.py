@@ -312,7 +312,7 @@ class Bypass:
         return str(path)
 
     def run(self, source: str, *, policy: str = "medium", mode: str = "enforce", params: dict | None = None,
-            args: tuple[str, ...] = (), netns: bool = False) -> Inner:
+            args: tuple[str, ...] = (), netns: bool = False, expect_test: bool = True) -> Inner:
         self.runs += 1
         test_file = self.pytester.path / "test_case.py"
         test_file.write_text(PRELUDE + f"CASE = {params or {}!r}\n\n\n" + textwrap.dedent(source))
@@ -324,7 +324,8 @@ class Bypass:
                        f"--basetemp={self.tmp / f'basetemp-{self.runs}'}", "--sandhop-policy", policy,
                        "--sandhop-mode", mode, "--sandhop-audit-log", str(log), *args, str(test_file))
         if not netns:
-            return self._checked(Inner(self.pytester.runpytest_subprocess(*pytest_args, timeout=120), log))
+            inner = Inner(self.pytester.runpytest_subprocess(*pytest_args, timeout=120), log)
+            return self._checked(inner) if expect_test else inner
         hosts = self.tmp / "hosts"
         hosts.write_text("".join(f"{ip} {name}\n" for name, ip in NS_NAMES.items()) + "::1 localhost\n")
         resolv = self.tmp / "resolv.conf"
@@ -371,6 +372,18 @@ def assert_recorded(inner: Inner, category: str, *, decision: str = "deny", **ma
     found = inner.decisions(category=category, decision=decision, **match)
     assert found, (f"no {decision} {category} {match} record; the log has "
                    f"{[(r['decision'], r['category'], r['target']) for r in inner.decisions()]}")
+    return found[0]
+
+
+def assert_connection_stopped(inner: Inner, **match) -> dict:
+    """A connection never made: denied at connect, or denied (or answered "no such name") at the
+    lookup of its host name, which the guard makes itself before connecting."""
+    stopped = inner.denied() or any(v.startswith("failed gaierror") for v in inner.verdicts())
+    assert stopped, f"the attack was not stopped: {inner.verdicts()}\n{inner.out}"
+    found = (inner.decisions(category="net.connect", decision="deny", **match)
+             + inner.decisions(category="net.dns", decision="deny")
+             + inner.decisions(category="net.dns", decision="redirect"))
+    assert found, f"no record; the log has {[(r['decision'], r['category'], r['target']) for r in inner.decisions()]}"
     return found[0]
 
 
@@ -513,10 +526,8 @@ SPELLINGS = [
     ("0.0.0.0", "AF_INET"), ("::ffff:127.0.0.1", "AF_INET6"), ("::ffff:7f00:1", "AF_INET6"),
     ("loop.sandhop.test", "AF_INET"), ("LOOP.Sandhop.Test.", "AF_INET"),
 ]
-LOCALHOST = ("`localhost` (any case, with or without the trailing dot) is classed loopback by its name and never "
-             "resolved, so only `loopback:*` (allowed) speaks for it, never a rule for the address it names")
-SPELLINGS += [pytest.param(host, "AF_INET", id=host, marks=known_bypass(LOCALHOST))
-              for host in ("localhost", "LOCALHOST", "localhost.")]
+# A name is resolved by the guard too, so `localhost` is decided as the address it names.
+SPELLINGS += [pytest.param(host, "AF_INET", id=host) for host in ("localhost", "LOCALHOST", "localhost.")]
 
 
 @needs_netns
@@ -532,7 +543,7 @@ def test_every_spelling_of_a_denied_address_is_denied(bypass, host, family):
         s.connect((CASE["host"], 8080))
         """), policy=policy, params={"host": host, "family": family}, netns=True)
     assert inner.reached("127.0.0.1:8080") == []
-    assert_denied(inner, "net.connect", target=lambda t: t.endswith(":8080"))
+    assert_connection_stopped(inner, target=lambda t: t.endswith(":8080"))
 
 
 # =========================================================================== public, private, metadata
@@ -546,7 +557,10 @@ def test_every_spelling_of_a_denied_address_is_denied(bypass, host, family):
 def test_public_and_private_destinations_are_denied_at_medium(bypass, category, body):
     inner = bypass.run(attack_source(body), policy="medium", netns=True)
     assert inner.reached() == []
-    assert_denied(inner, category)
+    if category == "net.connect":
+        assert_connection_stopped(inner)
+    else:
+        assert_denied(inner, category)
 
 
 METADATA_SPELLINGS = [
@@ -565,7 +579,7 @@ def test_cloud_metadata_is_denied_at_low_however_it_is_spelled(bypass, host, fam
         s.connect((CASE["host"], 80))
         """), policy="low", params={"host": host, "family": family}, netns=True)
     assert inner.reached() == []
-    rec = assert_denied(inner, "net.connect")
+    rec = assert_connection_stopped(inner)
     assert "metadata_ip" in rec["rule_text"]
 
 
@@ -634,7 +648,7 @@ def test_host_patterns_are_anchored(bypass, host, allowed, route):
         assert inner.decisions(decision="deny") == []
     else:
         assert inner.reached() == []
-        assert_denied(inner, "net.connect" if route == "connect" else "net.dns")
+        assert_denied(inner, "net.dns")  # the guard looks a name up itself before any connect
 
 
 # =========================================================================== indirect egress
@@ -728,11 +742,6 @@ WRITES = [
      "fs.write", "home.secret"),
 ]
 WRITE_BYPASSES = {
-    "os.open-dir_fd": "the `open` audit event carries a dir_fd-relative path without its dir_fd, so the "
-                      "tracer resolves it against the cwd (allowed) and the os.open interceptor skips dir_fd calls",
-    "os.mkfifo": "os.mkfifo/os.mknod raise no audit event and are not intercepted: files appear unseen",
-    "hardlink-in-tmp-then-write": "os.link only decides the source as fs.read (allowed for ~/.bashrc); the "
-                                  "new name in tmp is allowed, and writes through it change ~/.bashrc",
     "posix_spawn-file_actions": "os.posix_spawn file_actions (POSIX_SPAWN_OPEN) are not in the audit event and "
                                 "are not intercepted: the allowed `true` child opens and creates the file",
 }
@@ -747,9 +756,8 @@ def test_every_write_route_into_a_denied_place_is_denied(bypass, name, body, cat
     assert_denied(inner, category, target_class=cls)
 
 
-@known_bypass(WRITE_BYPASSES["os.open-dir_fd"] + "; at high a /dev dir_fd (reads of @dev are allowed) and a "
-              "cwd inside ${tmp} make the misresolved path look like ${tmp}")
 def test_dir_fd_relative_write_at_high(bypass):
+    """os.open with dir_fd is re-opened by its full path (the `open` audit event has no dir_fd)."""
     inner = bypass.run(attack_source("""
         dev = os.open("/dev", os.O_RDONLY | os.O_DIRECTORY)
         old = os.getcwd()
@@ -776,9 +784,7 @@ def etc_canary():
 @pytest.mark.parametrize("body", [
     pytest.param("os.close(os.open(CASE['etc'], os.O_WRONLY | os.O_CREAT, 0o644))", id="os.open"),
     pytest.param("Path(CASE['etc']).write_text('evil')", id="pathlib"),
-    pytest.param("os.mknod(CASE['etc'])", id="os.mknod",
-                 marks=known_bypass("os.mknod raises no audit event and is not intercepted: an empty file "
-                                    "appears in /etc")),
+    pytest.param("os.mknod(CASE['etc'])", id="os.mknod"),
 ])
 def test_writes_into_etc_are_denied(bypass, etc_canary, body):
     inner = bypass.run(attack_source(body), policy="medium", params={"etc": str(etc_canary)})
@@ -808,12 +814,12 @@ READ_TRICKS = [
 
 
 @pytest.mark.parametrize("name,body", [
-    pytest.param(*t, id=t[0], marks=marks_for(t[0], {"os.open-dir_fd": WRITE_BYPASSES["os.open-dir_fd"]}))
-    for t in READ_TRICKS])
+    pytest.param(*t, id=t[0]) for t in READ_TRICKS])
 def test_path_tricks_do_not_reach_the_ssh_key(bypass, name, body):
     inner = bypass.run(attack_source(body), policy="medium")
     assert "CANARY-SSH-KEY" not in inner.out
-    assert_denied(inner, "fs.read", target_class="home.secret")
+    # a hard link is decided as a write of its source (it gives write access to the inode)
+    assert_denied(inner, "fs.write" if name == "hardlink-in-tmp" else "fs.read", target_class="home.secret")
 
 
 # =========================================================================== secrets and persistence
@@ -872,14 +878,9 @@ def test_home_write_at_medium_goes_to_the_overlay(bypass):
 
 @pytest.mark.parametrize("rel", [
     ".bashrc", ".profile",
-    pytest.param(".bash_login", marks=known_bypass("low denies .bashrc/.profile/.bash_profile/.zshrc but not "
-                                             ".bash_login, which bash runs at login when .bash_profile is absent")),
-    pytest.param(".gitconfig", marks=known_bypass("low allows writing ~/.gitconfig: core.fsmonitor, core.pager or an "
-                                            "alias runs code the next time git runs")),
+    ".bash_login", ".gitconfig",
     pytest.param(".local/lib/python{}.{}/site-packages/usercustomize.py".format(*sys.version_info[:2]),
-                 id="user-site-usercustomize",
-                 marks=known_bypass("low denies ${site}/usercustomize.py and ~/.local/lib/**/*.pth, but the user "
-                              "site's usercustomize.py is only ${site} when that folder existed at start")),
+                 id="user-site-usercustomize"),
 ])
 def test_persistence_places_are_denied_at_low(bypass, rel):
     inner = bypass.run(attack_source("""
@@ -991,9 +992,6 @@ def test_audit_hook_added_by_a_test_is_refused_at_high(bypass):
     assert_recorded(inner, "sys.tamper", target="addaudithook")
 
 
-@known_bypass("a plugin named with -p (here from the checkout's own ini file) is imported before the guard "
-        "starts; its audit hook raises RuntimeError on sys.addaudithook, which CPython treats as 'silently do "
-        "not add the hook', so the guard never sees an event and nothing says so")
 def test_pre_guard_plugin_cannot_silently_refuse_the_guards_hook(bypass):
     bypass.pytester.makeini("[pytest]\naddopts = -p sandhop_refuse_hooks\n")
     (bypass.pytester.path / "sandhop_refuse_hooks.py").write_text(textwrap.dedent('''\
@@ -1005,9 +1003,11 @@ def test_pre_guard_plugin_cannot_silently_refuse_the_guards_hook(bypass):
 
         sys.addaudithook(_refuse)
         '''))
-    inner = bypass.run(attack_source("return KEY.read_text()"), policy="medium")
+    inner = bypass.run(attack_source("return KEY.read_text()"), policy="medium", expect_test=False)
+    # the guard proves its hook is live (sys.audit self-test) and refuses to run without it
     assert "CANARY-SSH-KEY" not in inner.out
-    assert_denied(inner, "fs.read", target_class="home.secret")
+    assert inner.result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "the guard's audit hook is not installed" in inner.out
 
 
 @known_bypass("code imported with -p (the checkout's ini `addopts`) runs before pytest_load_initial_conftests, "
@@ -1040,9 +1040,6 @@ FIND_RUN_DIR = """
     """
 
 
-@known_bypass("the run folder (violations file, boot sitecustomize) is the guard's own footprint, which "
-              "Tracer.path never decides, for test code too: truncating violations.jsonl erases the swallowed "
-              "violation before the enforcer reads it, so the test passes and the audit log never hears of it")
 def test_test_code_cannot_erase_its_recorded_violations(bypass):
     inner = bypass.run(textwrap.dedent(FIND_RUN_DIR) + textwrap.dedent("""
         def test_attack():
@@ -1114,8 +1111,6 @@ def test_the_guard_fixture_cannot_be_used_to_reconfigure_it(bypass):
     assert_denied(inner, "fs.read", target_class="home.secret")
 
 
-@known_bypass("setting HOME makes the tracer re-class paths against the new HOME (fake homes are common), so the "
-              "real HOME's ~/.ssh stops being home.secret: after monkeypatch.setenv('HOME', tmp) it is readable")
 def test_changing_home_does_not_unprotect_the_real_home(bypass):
     inner = bypass.run("""
         def test_attack(monkeypatch, tmp_path):
@@ -1148,20 +1143,19 @@ SESSION_HOOKS = {
     "pytest_runtest_makereport": "def pytest_runtest_makereport(item, call):\n    plant('makereport')\n",
     "pytest_sessionfinish": "def pytest_sessionfinish(session):\n    plant('sessionfinish')\n",
 }
-SESSION_PHASE = ("the guard enforces only in the collect/setup/call/teardown phases; a conftest hook that "
-                 "pytest calls outside them runs in the runner's exempt `session` phase: ")
 
 
-@pytest.mark.parametrize("hook", [pytest.param(h, marks=known_bypass(SESSION_PHASE + h)) for h in SESSION_HOOKS])
+@pytest.mark.parametrize("hook", list(SESSION_HOOKS))
 def test_conftest_hooks_outside_the_test_phases_are_guarded(bypass, hook):
+    """Code of the suite (here a conftest) is decided in the session phase too; only the runner's
+    own code (site-packages, the stdlib) is exempt there. A violation outside any test fails the
+    session (or the test whose report was being made)."""
     (bypass.pytester.path / "conftest.py").write_text(PLANT + "\n\n" + SESSION_HOOKS[hook])
-    inner = bypass.run("def test_nothing():\n    pass\n", policy="medium")
+    inner = bypass.run("def test_nothing():\n    pass\n", policy="medium", expect_test=False)
     assert_home_untouched(bypass.home)
     assert_denied(inner, "fs.write", target_class="home.secret")
 
 
-@known_bypass("an atexit handler registered by a test runs after the session, in the exempt `session` phase; "
-        "the audit log is sealed by then, so not even a record could tell")
 def test_atexit_payload_registered_by_a_test_is_denied(bypass):
     inner = bypass.run("""
         import atexit
@@ -1200,11 +1194,7 @@ CURL_SPAWNS = {
                                            'pid = util.spawnv_passfds(curl, [b"curl", b"--version"], ())\n'
                                            'return os.waitpid(pid, 0)[1]',
 }
-SHELL = ("medium allows sh; the guard decides `/bin/sh -c '...'` by its executable and never looks at the "
-         "command, and the shell (not Python) runs curl unguarded")
 SPAWN_BYPASSES = {
-    "shell=True": SHELL,
-    "os.system": SHELL,
     "multiprocessing.util.spawnv_passfds": "_posixsubprocess.fork_exec (used by multiprocessing) raises no audit "
                                            "event and is not intercepted: any program starts undecided",
 }
@@ -1256,24 +1246,20 @@ PYTHON_CHILDREN = {
                                 '[b"python", b"-I", b"-c", CHILD.encode()], ())\nos.waitpid(pid, 0)',
     "env -i python": 'subprocess.run(["env", "-i", "HOME=" + str(HOME), sys.executable, "-c", CHILD])',
 }
-EXPLICIT_ENV = ("Tracer.propagate adds the guard's variables to an explicit env dict, but the boot folder only "
-                "when tracer.boot_dir is set, and the Enforcer never sets it: the child gets SANDHOP_GUARD "
-                "without the sitecustomize that would read it")
 ENVIRON_MAPPING = ("the guard's variables (SANDHOP_GUARD, the boot PYTHONPATH) are set with putenv, not in "
                    "os.environ, and Tracer.propagate only completes a dict: env=os.environ (a Mapping) starts "
-                   "the child without them")
+                   "the child without them; that is reported as `sys.tamper unguarded-child`, which high denies "
+                   "and medium allows")
 NO_SITE = ("-I/-E/-S make the child skip the boot sitecustomize; medium allows the `unguarded-child` "
            "sys.tamper event that reports it")
 CHILD_CASES = [
     ("subprocess", "medium", None), ("os.fork", "medium", None), ("multiprocessing-fork", "medium", None),
     ("multiprocessing-spawn", "medium", None),
-    ("env=dict(os.environ)", "medium", EXPLICIT_ENV), ("env=dict(os.environ)", "high", EXPLICIT_ENV),
-    ("env=os.environ", "medium", ENVIRON_MAPPING), ("env=os.environ", "high", ENVIRON_MAPPING),
+    ("env=dict(os.environ)", "medium", None), ("env=dict(os.environ)", "high", None),
+    ("env=os.environ", "medium", ENVIRON_MAPPING), ("env=os.environ", "high", None),
     ("python -I", "medium", NO_SITE), ("python -I", "high", None),
-    ("python -X dev -I", "high", "the unguarded-child check stops reading flags at an option that takes a value "
-                                 "(-X, -W), so a later -I is missed"),
-    ("argv[0]-not-python -I", "high", "the unguarded-child check looks at argv[0]'s name, not at the executable "
-                                      "that runs (Popen(executable=...), os.execv(path, argv))"),
+    ("python -X dev -I", "high", None),
+    ("argv[0]-not-python -I", "high", None),
     ("spawnv_passfds python -I", "high", "_posixsubprocess.fork_exec raises no audit event: neither the spawn nor "
                                          "the -I is seen"),
     ("env -i python", "medium", "medium allows `env`; `env -i` clears the guard's variables before Python starts"),
@@ -1293,7 +1279,7 @@ def test_python_children_are_guarded_too(bypass, name, tier):
         policy=tier)
     assert_home_untouched(bypass.home)
     assert inner.denied(), inner.verdicts()  # in the child (its write) or in the parent (the spawn)
-    assert inner.decisions(decision="deny", category=lambda c: c in ("fs.write", "proc.spawn", "sys.tamper"))
+    assert inner.decisions(decision="deny", category=lambda c: c in ("fs.write", "proc.spawn", "sys.tamper", "env.read"))
 
 
 @pytest.mark.parametrize("body", [
@@ -1302,9 +1288,7 @@ def test_python_children_are_guarded_too(bypass, name, tier):
     pytest.param('os.environ["LD_PRELOAD"] = "/tmp/evil.so"', id="os.environ"),
     pytest.param('return subprocess.run(["env", "LD_PRELOAD=/tmp/evil.so", sys.executable, "-c", '
                  '"import os; print(os.environ.get(\'LD_PRELOAD\'))"], capture_output=True, text=True).stdout',
-                 id="env-argv",
-                 marks=known_bypass("`deny env.write LD_PRELOAD` is checked on env dicts and putenv only; "
-                                    "`env LD_PRELOAD=... prog` (env is allowed at medium) sets it in argv")),
+                 id="env-argv"),
 ])
 def test_child_with_ld_preload_is_denied(bypass, body):
     inner = bypass.run("import subprocess\n\n" + attack_source(body), policy="medium")
@@ -1338,8 +1322,6 @@ ENV_READS = {
     "os.environ.__class__": "os.environ.__class__ = os._Environ\nreturn os.environ[NAME]",
 }
 ENV_BYPASSES = {
-    "repr(os.environ)": "os._Environ.__repr__ formats self._data directly, bypassing the traced accessors: "
-                        "repr/str/print of os.environ show every secret",
     "os.environ.__class__": "the class swap that traces os.environ can be undone by assigning __class__ "
                             "(not audited, not in the integrity check)",
 }
@@ -1380,9 +1362,7 @@ def test_secret_variable_is_not_handed_to_children(bypass):
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param("PGPASSWORD", marks=known_bypass("the secret-name rule wants a token boundary before PASSWORD, so "
-                                            "libpq's PGPASSWORD is not a secret")),
-    pytest.param("CI_JOB_JWT", marks=known_bypass("JWT is not one of the secret-name tokens")),
+    "PGPASSWORD", "CI_JOB_JWT",
     "GITHUB_TOKEN",
 ])
 def test_well_known_secret_names_look_unset(bypass, name):
@@ -1393,8 +1373,6 @@ def test_well_known_secret_names_look_unset(bypass, name):
     assert_recorded(inner, "env.read", decision="redirect", target=name)
 
 
-@known_bypass("names starting with SANDHOP_ are never decided, so SANDHOP_AUDIT_KEY (the audit log's HMAC key) stays "
-        "readable by every test, which can then forge a verifying log")
 def test_the_audit_key_is_not_readable_by_tests(bypass, monkeypatch):
     monkeypatch.setenv("SANDHOP_AUDIT_KEY", "CANARY-AUDIT-KEY")
     inner = bypass.run(attack_source("return os.environ.get('SANDHOP_AUDIT_KEY')"), policy="high")

@@ -260,7 +260,7 @@ def test_audit_event_decoding(monkeypatch, tmp_path):
     expected = {
         ("fs.write", "open", "tmp"), ("fs.read", "open", "tmp"), ("fs.meta", "os.chmod", "tmp"),
         ("fs.write", "os.truncate", "tmp"), ("fs.write", "os.rename", "tmp"), ("fs.delete", "os.rename", "tmp"),
-        ("fs.write", "os.link", "tmp"), ("fs.read", "os.link", "tmp"), ("fs.write", "os.symlink", "tmp"),
+        ("fs.write", "os.link", "tmp"), ("fs.write", "os.link", "tmp"), ("fs.write", "os.symlink", "tmp"),
         ("fs.read", "shutil.copyfile", "tmp"), ("fs.write", "shutil.copyfile", "tmp"),
         ("fs.write", "os.mkdir", "tmp"), ("fs.delete", "os.rmdir", "tmp"), ("fs.delete", "os.remove", "tmp"),
         ("fs.meta", "os.listdir", "tmp"), ("net.send", "socket.sendto", "loopback"),
