@@ -49,6 +49,7 @@ _active: "Tracer | None" = None
 # Bound at import: what a path *is* must not change when code under test monkeypatches os.
 _readlink = os.readlink
 _fsdecode = os.fsdecode
+_SECRET_NAMES: dict[str, bool] = {}
 
 
 def active() -> "Tracer | None":
@@ -80,6 +81,7 @@ class Tracer:
         # The enforcement guard: called with every decoded event; may raise `Blocked`.
         self.gate = None
         self.own_files = None
+        self._child_context: tuple[str, str] | None = None
         self.extra_env: dict[str, str] = {}
         self._stable_prefixes = tuple(p + "/" for p in (*roots.site, roots.stdlib, roots.python, *roots.other_pythons) if p)
         # The recorder's own folders (its spool, the copy of sandhop it runs from): touching
@@ -168,13 +170,22 @@ class Tracer:
         self.flush()
         self.test_id, self.phase = test_id, phase
         self.executed.clear()
+
+    def sync_child_context(self) -> None:
+        """Hand the current test and phase to children about to start (called from the spawn
+        decoders, before the child exists: cheaper than on every context change)."""
+        context = (self.test_id, self.phase)
+        if context == self._child_context:
+            return
+        self._child_context = context
+        was = getattr(self._tls, "busy", False)
         self._tls.busy = True
         try:
             # putenv, not os.environ: children inherit it, tests never see it.
-            os.putenv(ENV_TEST, test_id)
-            os.putenv(ENV_PHASE, phase)
+            os.putenv(ENV_TEST, self.test_id)
+            os.putenv(ENV_PHASE, self.phase)
         finally:
-            self._tls.busy = False
+            self._tls.busy = was
 
     # ----------------------------------------------------------------- spooling
     def emit(self, category: str, op: str, target: str, detail: str = "", cls: str | None = None) -> None:
@@ -303,8 +314,12 @@ class Tracer:
         if not self.enabled or getattr(self._tls, "busy", False):
             return False
         key = os.fsdecode(name) if isinstance(name, (str, bytes)) else str(name)
-        if key != "*" and not ev.is_secret_env_name(key):
-            return False
+        if key != "*":
+            secret = _SECRET_NAMES.get(key)
+            if secret is None:
+                secret = _SECRET_NAMES[key] = ev.is_secret_env_name(key)
+            if not secret:
+                return False
         if key.startswith("SANDHOP_") and key != "SANDHOP_AUDIT_KEY":
             return False
         self._tls.busy = True
@@ -478,6 +493,7 @@ def _sock(category: str):
 
 
 def _popen(t: Tracer, name: str, args: tuple) -> None:
+    t.sync_child_context()
     executable, argv, _cwd, env = (tuple(args) + (None,) * 4)[:4]
     target = t.argv_target(executable, argv)
     _loader_env(t, name, env)
@@ -554,6 +570,7 @@ def _shell_detail(argv) -> str:
 
 
 def _system(t: Tracer, name: str, args: tuple) -> None:
+    t.sync_child_context()
     command = os.fsdecode(args[0])
     t.emit("proc.spawn", name, t.argv_target("/bin/sh", ["/bin/sh", "-c", command]), "shell")
     _inner_commands(t, name, command)
@@ -596,6 +613,7 @@ def _wrapped_program(t: Tracer, name: str, words: list[str], top: bool = True) -
 
 
 def _exec(t: Tracer, name: str, args: tuple) -> None:
+    t.sync_child_context()
     if name == "os.spawn":
         _mode, path, argv, env = (tuple(args) + (None,) * 4)[:4]
     else:
@@ -610,6 +628,7 @@ def _exec(t: Tracer, name: str, args: tuple) -> None:
 
 
 def _fork(t: Tracer, name: str, args: tuple) -> None:
+    t.sync_child_context()
     t.emit("proc.spawn", name, t.executable(sys.executable), "fork")
 
 
