@@ -35,6 +35,8 @@ def test_wheel_holds_only_the_sandhop_namespace(wheel):
     for sub in SUBPACKAGES:
         assert f"sandhop/{sub}/__init__.py" in names
     assert any(n.startswith("sandhop/datasets/data/suites/") for n in names)
+    for tier in ("observe", "low", "medium", "high", "lockdown"):
+        assert f"sandhop/enforcement/tiers/{tier}.policy" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "sandhop = sandhop.enforcement.plugin" in text and "sandhop = sandhop.cli:main" in text
@@ -51,12 +53,15 @@ def test_wheel_installs_into_a_fresh_venv(wheel, tmp_path):
         f"for sub in {SUBPACKAGES!r}: __import__('sandhop.' + sub)\n"
         "for generic in ('enforcement', 'datasets', 'envs', 'agents', 'configs'):\n"
         "    assert importlib.util.find_spec(generic) is None, generic\n"
+        "from sandhop.enforcement.engine import PolicyEngine\n"
+        "engine = PolicyEngine()\n"
+        "assert engine.decide_target('fs.read', '${home}/.ssh/id_rsa', 'home.secret', engine.config('medium')).effect == 'deny'\n"
         "print(sandhop.__file__)\n"
     )
     out = subprocess.run([str(py), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path)
     assert str(venv) in out.stdout
     helped = subprocess.run([str(venv / "bin" / "sandhop"), "--help"], check=True, capture_output=True, text=True)
-    for command in ("demo", "record", "trace"):
+    for command in ("demo", "record", "trace", "audit"):
         assert command in helped.stdout
 
 
