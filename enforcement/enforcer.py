@@ -90,6 +90,9 @@ class Enforcer:
         self._base_json = self.tracer.extra_env[ENV_GUARD]
         for key, value in tracer.child_environment().items():
             os.putenv(key, value)
+        # atexit is last-in first-out: registered now, this runs after the tests' own handlers.
+        from sandhop.enforcement import guard as guard_module
+        guard_module._real_atexit_register(self._at_exit)
         return tracer
 
     # ----------------------------------------------------------------- per test
@@ -239,14 +242,38 @@ class Enforcer:
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session, exitstatus) -> None:
         self._read_violations()
+        # Denials no test report took (session hooks of the suite): the run fails.
+        self.unreported = [r for records in self._pending.values() for r in records if r.get("decision") == "deny"]
+        self._pending.clear()
+        if self.unreported and self.mode == "enforce" and session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if self.audit is not None:
             self.audit.append({"kind": "session", "event": "finish", "run_id": self.run_id,
                                "exitstatus": int(exitstatus), "denied": self.totals.get("deny", 0),
                                "redirected": self.totals.get("redirect", 0), "t": time.time()})
             self.audit.close()
 
-    def pytest_unconfigure(self, config) -> None:
+    def _at_exit(self) -> None:
+        """Runs after every other exit handler (registered first): denials made by handlers that
+        tests registered fail the process, which has no test report left to fail."""
+        if os.getpid() != self._pid:  # a forked child of a test leaving normally
+            return
+        late = []
+        try:
+            data = self.guard._busy(_read_from, self.violations_path, self._offset)
+            late = [json.loads(line) for line in data.splitlines() if line.strip()]
+        except (OSError, ValueError):
+            pass
         self.guard._busy(shutil.rmtree, self.run_dir, ignore_errors=True)
+        denied = [r for r in late if r.get("decision") == "deny"]
+        if denied and self.mode == "enforce":
+            import sys
+            for r in denied:
+                sys.stderr.write(r.get("message", "sandhop: an operation was denied") + "\n")
+            sys.stderr.write(f"sandhop: {len(denied)} operations were denied after the session ended "
+                             "(exit handlers registered by tests); failing the run\n")
+            sys.stderr.flush()
+            os._exit(1)
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         tr = terminalreporter
@@ -255,6 +282,8 @@ class Enforcer:
                       f"operations, redirected {self.totals.get('redirect', 0)}"
                       + (f"; audit log {self.audit_path}" if self.audit_path else ""),
                       yellow=bool(self.totals.get("deny")))
+        for r in getattr(self, "unreported", []):
+            tr.write_line(f"sandhop: outside any test: {r.get('message', '')}", red=self.mode == "enforce")
 
 
 class Hopper:

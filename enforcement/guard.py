@@ -20,11 +20,13 @@ kernel (Landlock, seccomp) enforces; see `lockdown.py`.
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import hashlib
 import io
 import json
 import os
+import posix
 import shutil
 import socket
 import threading
@@ -194,7 +196,8 @@ class Guard:
     def enforcing(self) -> bool:
         # Outside tests and collection (the session phase) the runner does its own work; what
         # the suite's own code does there (conftest hooks, atexit handlers) is still decided.
-        return self.tracer.phase != "session" or self._suite_code_running()
+        return (self.tracer.phase != "session" or getattr(self.tracer._tls, "from_test", False)
+                or self._suite_code_running())
 
     def _suite_code_running(self) -> bool:
         import sys
@@ -493,6 +496,7 @@ _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
 _real_sendto = socket.socket.sendto
 _real_mkfifo = os.mkfifo
+_real_atexit_register = atexit.register
 _real_mknod = os.mknod
 _readlink = os.readlink
 _installed: list[Guard] = []
@@ -610,5 +614,23 @@ def _intercept(guard: Guard) -> None:
     socket.socket.connect = connect
     socket.socket.connect_ex = connect_ex
     socket.socket.sendto = sendto
+    def atexit_register(func, *args, **kwargs):
+        # A handler registered while a test runs is that test's code, however late it runs
+        # (the session phase is otherwise the runner's).
+        if current().tracer.phase == "session":
+            return _real_atexit_register(func, *args, **kwargs)
+        tls = current().tracer._tls
+
+        def as_test_code(*a, **k):
+            tls.from_test = True
+            try:
+                return func(*a, **k)
+            finally:
+                tls.from_test = False
+        _real_atexit_register(as_test_code, *args, **kwargs)
+        return func
+
+    atexit.register = atexit_register
+    posix.open = os_open  # the same function under its other name
     os.mkfifo = make_node(_real_mkfifo, "os.mkfifo")
     os.mknod = make_node(_real_mknod, "os.mknod")

@@ -595,12 +595,10 @@ def test_cloud_metadata_is_denied_through_the_library_paths(bypass, body):
 
 
 @needs_netns
-@known_bypass("the guard resolves a connect()'s host name again, apart from the resolution connect() itself "
-              "does in C; a DNS answer that changes between the two (rebinding, TTL 0) sends connect() to the "
-              "metadata address while the guard decided on a public one")
 def test_dns_rebinding_cannot_reach_metadata(bypass):
+    """The guard resolves the name once and connects to the address it decided on."""
     policy = bypass.policy("""\
-        extends  medium
+        extends  low
         allow    net.connect  rebind.sandhop.test:80
         """)
     # Three tries, as the answers alternate: whichever lookup connect() makes, one try has it
@@ -616,7 +614,7 @@ def test_dns_rebinding_cannot_reach_metadata(bypass):
         return outcomes
         """), policy=policy, netns=True)
     assert inner.reached("169.254.169.254:80") == [], inner.verdicts()
-    assert_recorded(inner, "net.connect", target="rebind.sandhop.test:80")
+    assert_recorded(inner, "net.connect", target="169.254.169.254:80")
 
 
 # =========================================================================== matcher confusion
@@ -677,12 +675,10 @@ DNS_EXFIL = [
     pytest.param("net.dns", 'import asyncio\nasync def go():\n'
                  '    return await asyncio.get_running_loop().getaddrinfo(CASE["name"], 443)\n'
                  'return asyncio.run(go())', id="asyncio-getaddrinfo"),
-    pytest.param("net.connect", 'socket.socket().connect((CASE["name"], 443))', id="connect-by-name",
-                 marks=known_bypass("socket.connect() resolves a host name in C before it raises its audit event, "
-                              "so the lookup (and the data in its labels) has left before the guard decides")),
-    pytest.param("net.send", 'socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", (CASE["name"], 53))',
-                 id="sendto-by-name",
-                 marks=known_bypass("sendto() resolves its host name in C before the audit event, like connect()")),
+    # the guard resolves a name itself (a decided lookup) before connect()/sendto() would in C
+    pytest.param("net.dns", 'socket.socket().connect((CASE["name"], 443))', id="connect-by-name"),
+    pytest.param("net.dns", 'socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", (CASE["name"], 53))',
+                 id="sendto-by-name"),
     pytest.param("net.send", """
         import struct
         query = struct.pack("!HHHHHH", 0x5348, 0x0100, 1, 0, 0, 0)
@@ -690,9 +686,7 @@ DNS_EXFIL = [
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.sendto(query, ("127.0.0.1", 53))
         return s.recv(512)
-        """, id="hand-built-query-to-the-loopback-resolver",
-                 marks=known_bypass("medium allows net.send to loopback:*, which includes the machine's stub resolver "
-                              "(127.0.0.1:53, 127.0.0.53:53): a hand-built DNS query sent there is forwarded")),
+        """, id="hand-built-query-to-the-loopback-resolver"),
 ]
 
 
@@ -1053,19 +1047,17 @@ def test_test_code_cannot_erase_its_recorded_violations(bypass):
     assert_denied(inner, "fs.read", target_class="home.secret")
 
 
-@known_bypass("the boot sitecustomize that guards Python children lies in the run folder, which test code may "
-              "write undecided (the guard's own footprint): an empty one leaves every later child unguarded")
 def test_test_code_cannot_replace_the_childrens_guard(bypass):
     inner = bypass.run(textwrap.dedent(FIND_RUN_DIR) + textwrap.dedent(f"""
         import subprocess
         CHILD = {CHILD_WRITE!r}
 
         def test_attack():
-            (run_dir() / "boot" / "sitecustomize.py").write_text("# nothing to see\\n")
+            attempt(lambda: (run_dir() / "boot" / "sitecustomize.py").write_text("# nothing to see\\n"))
             subprocess.run([sys.executable, "-c", CHILD])
         """), policy="medium")
     assert_home_untouched(bypass.home)
-    assert_denied(inner, "fs.write", target_class="home.secret")
+    assert_denied(inner, "fs.write", rule="guard:own-files")
 
 
 @known_bypass("a test's own @pytest.mark.sandhop(tier=...) replaces the run's tier, lower ones included: code "
@@ -1154,6 +1146,7 @@ def test_conftest_hooks_outside_the_test_phases_are_guarded(bypass, hook):
     inner = bypass.run("def test_nothing():\n    pass\n", policy="medium", expect_test=False)
     assert_home_untouched(bypass.home)
     assert_denied(inner, "fs.write", target_class="home.secret")
+    assert inner.result.ret != 0  # a denial no test report took still fails the run
 
 
 def test_atexit_payload_registered_by_a_test_is_denied(bypass):
@@ -1173,6 +1166,53 @@ def test_atexit_payload_registered_by_a_test_is_denied(bypass):
         """, policy="medium")
     assert_home_untouched(bypass.home)
     assert inner.denied(), inner.verdicts()
+    assert inner.result.ret != 0
+    assert "denied after the session ended" in inner.out
+
+
+def test_atexit_payload_of_a_dependency_is_denied(bypass, tmp_path):
+    """A module outside the checkout (a dependency) registering an exit handler during a test: the
+    handler is that test's code, although no frame of the checkout is on its stack."""
+    dep = tmp_path / "deps"
+    dep.mkdir()
+    (dep / "sandhop_evil_dep.py").write_text(textwrap.dedent('''\
+        import atexit, os
+        from pathlib import Path
+
+        def _plant():
+            try:
+                with open(Path(os.environ["HOME"]) / ".ssh" / "authorized_keys", "a") as f:
+                    f.write("attacker from a dependency\\n")
+            except PermissionError as exc:
+                print(f"\\nVERDICT: denied {type(exc).__name__}", flush=True)
+                return
+            print("\\nVERDICT: completed at exit", flush=True)
+
+        def install():
+            atexit.register(_plant)
+        '''))
+    inner = bypass.run(f"""
+        import sys
+        sys.path.insert(0, {str(dep)!r})
+
+        def test_uses_the_dependency():
+            import sandhop_evil_dep
+            sandhop_evil_dep.install()
+        """, policy="medium")
+    assert_home_untouched(bypass.home)
+    assert inner.denied(), inner.verdicts()
+    assert inner.result.ret != 0
+
+
+def test_posix_open_with_dir_fd_is_decided_by_its_full_path(bypass):
+    inner = bypass.run(attack_source("""
+        import posix
+        home = os.open(str(HOME), os.O_RDONLY | os.O_DIRECTORY)
+        fd = posix.open(".ssh/authorized_keys", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=home)
+        os.write(fd, b"ssh-ed25519 AAAA attacker")
+        """), policy="medium")
+    assert_home_untouched(bypass.home)
+    assert_denied(inner, "fs.write", target_class="home.secret")
 
 
 # =========================================================================== spawning a denied tool
