@@ -190,13 +190,14 @@ def portable_path(path: str, roots: Roots) -> str:
 # path is (the guard decides on this).
 _realpath = os.path.realpath
 _getcwd = os.getcwd
+_fsdecode = os.fsdecode
 
 
 def normalise_path(path: str | bytes | os.PathLike, cwd: str | None = None) -> str:
     """Absolute real path: relative paths join `cwd`, `..` and symlinks are resolved."""
-    p = os.fsdecode(path)
-    if not os.path.isabs(p):
-        p = os.path.join(cwd or _getcwd(), p)
+    p = _fsdecode(path)
+    if not p.startswith("/"):
+        p = (cwd or _getcwd()) + "/" + p
     return _realpath(p)
 
 

@@ -181,6 +181,11 @@ class Guard:
             problems.append(f"the mode was changed to {self.mode!r}")
         if _installed and _installed[0] is not self:
             problems.append("the interceptors were pointed at another guard")
+        from sandhop.enforcement.tracer import _TracedEnviron
+        if type(os.environ) is not _TracedEnviron:
+            problems.append("os.environ is no longer traced (its class was changed back)")
+        if "decide" in vars(self) or "gate" in vars(self):
+            problems.append("the guard's decision method was replaced")
         return problems
 
     def hop_to(self, tier: str) -> SandboxConfig:
@@ -255,6 +260,12 @@ class Guard:
                 d = self.engine.decide_all([_View(category, target, cls), original], self.config)
                 return self._act(category, op, target, detail, cls, d)
         self.decisions += 1
+        if category in _NET_SEND and cls not in _IP_CLASSES and cls != "unix" and op.startswith("socket."):
+            # The interceptors hand connect()/sendto() a resolved address; a name arriving here
+            # came around them (raw `_socket`), resolved in C where no lookup was decided.
+            d = Decision("deny", "guard:unresolved-name", f"{category} to a host name that did not go "
+                         "through the guard's resolver (raw _socket); connect through socket.socket")
+            return self._act(category, op, target, detail, cls, d)
         self._act(category, op, target, detail, cls, self.decide(category, target, cls))
 
     def _act(self, category: str, op: str, target: str, detail: str, cls: str, d: Decision) -> None:

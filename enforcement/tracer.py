@@ -601,8 +601,15 @@ def _wrapped_program(t: Tracer, name: str, words: list[str], top: bool = True) -
     exe = os.path.basename(words[0])
     if exe in _WRAPPERS:
         rest = words[1:]
+        clears = False
         while rest and rest[0].startswith("-"):
+            clears = clears or (exe == "env" and rest[0] in ("-i", "--ignore-environment", "-u", "--unset", "-"))
+            if exe == "env" and rest[0] in ("-u", "--unset") and len(rest) > 1:
+                rest = rest[1:]
             rest = rest[1:]
+        if clears and rest and os.path.basename(rest[0]).startswith("python"):
+            # `env -i python`: the child loses the variables that would guard it
+            t.emit("sys.tamper", name, "unguarded-child", "env " + words[1], "interpreter")
         if exe == "timeout" and rest:
             rest = rest[1:]
         if rest:

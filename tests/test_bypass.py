@@ -949,8 +949,6 @@ TAMPERING = {
 TAMPER_BYPASSES = {
     "os.lstat-lies-about-a-symlink": "ev.normalise_path binds os.path.realpath at import, but realpath looks up "
                                      "os.lstat/os.readlink at call time: a lying os.lstat hides a symlink",
-    "os.fsdecode-lies": "Tracer.path decodes every path with os.fsdecode looked up at call time: a replaced "
-                        "os.fsdecode makes the guard decide on a harmless path while open() uses the real one",
     "gc.get_objects-flips-the-config-at-medium": "medium allows sys.tamper * (high denies gc.*): the Guard found "
                                                  "with gc.get_objects takes a new config, which the end-of-test "
                                                  "integrity check does not look at",
