@@ -113,6 +113,7 @@ class Guard:
                                                                  tracer.roots.stdlib, *tracer.roots.other_pythons)
                                    if p) + (os.path.dirname(os.path.abspath(__file__)) + "/",)
         self._vfd = -1
+        self._withheld: dict = {}
         self._lock = threading.Lock()
         self.decisions = 0
 
@@ -132,6 +133,20 @@ class Guard:
         self._open_violations()
         os.register_at_fork(after_in_child=self._after_fork)
         _intercept(self)
+        # Secrets the config hides from this process must not reach programs it starts either
+        # (a non-Python child reads the C environment, which os.environ's redirect cannot filter).
+        data = os.environ._data
+        self._withheld = {k: data[k] for k in list(data)
+                          if ev.is_secret_env_name(os.fsdecode(k)) and not os.fsdecode(k).startswith("SANDHOP_")}
+        self._apply_withheld(self.base)
+
+    def _apply_withheld(self, config: SandboxConfig) -> None:
+        for key, value in self._withheld.items():
+            name = os.fsdecode(key)
+            if self.engine.decide_target("env.read", name, "env.secret", config).effect == "allow":
+                self._busy(os.putenv, key, value)
+            else:
+                self._busy(os.unsetenv, key)
 
     def selftest(self) -> None:
         """Prove the audit hook is live: code that ran earlier can stop `sys.addaudithook` from
@@ -155,10 +170,14 @@ class Guard:
     def begin_test(self, test_id: str, config: SandboxConfig | None = None) -> None:
         """A new test: its own config (base + marker), overlay and DNS memory; nothing carries over."""
         self.state = _TestState(test_id=test_id, config=config or self.base, in_test=True)
+        if config is not None and config is not self.base and self._withheld:
+            self._apply_withheld(config)
 
     def end_test(self) -> None:
         st = self.state
         self.state = _TestState(test_id="", config=self.base)
+        if st.config is not self.base and self._withheld:
+            self._apply_withheld(self.base)
         if st.redirected or st.whiteouts:
             self._busy(shutil.rmtree, self._overlay_root(st), ignore_errors=True)
 
