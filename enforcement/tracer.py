@@ -228,6 +228,10 @@ class Tracer:
         handler = _HANDLERS.get(event)
         if handler is None or not self.enabled:
             return
+        if handler is _exec_code:  # the most frequent event (every eval): settle repeats here
+            code = args[0] if args else None
+            if id(code) in self.executed or not getattr(code, "co_filename", "").startswith("<"):
+                return
         tls = self._tls
         if getattr(tls, "busy", False):
             return
