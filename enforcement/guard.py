@@ -20,6 +20,7 @@ kernel (Landlock, seccomp) enforces; see `lockdown.py`.
 
 from __future__ import annotations
 
+import _posixsubprocess
 import atexit
 import builtins
 import hashlib
@@ -35,7 +36,8 @@ from dataclasses import dataclass, field
 
 from sandhop.enforcement import events as ev
 from sandhop.enforcement.engine import Decision, PolicyEngine, SandboxConfig
-from sandhop.enforcement.tracer import ENV_GUARD, Blocked, Tracer
+from sandhop.enforcement.tracer import (ENV_GUARD, Blocked, Tracer, _shell_detail, _spawned_commands,
+                                        _unguarded_python)
 
 MODES = ("enforce", "audit")
 _NET_SEND = ("net.connect", "net.send")
@@ -462,6 +464,31 @@ class Guard:
         except Blocked as blocked:
             raise blocked.exc from None
 
+    def check_spawn(self, op: str, executable, argv, env):
+        """Decide a spawn the interpreter does not audit (`_posixsubprocess.fork_exec`, used by
+        multiprocessing); returns the child's environment with the guard's variables added."""
+        t = self.tracer
+        if getattr(t._tls, "busy", False) or not t.enabled:
+            return env
+        t._tls.busy = True
+        try:
+            t.sync_child_context()
+            if isinstance(env, list):
+                present = {bytes(e).split(b"=", 1)[0] for e in env}
+                extra = dict(t.child_environment())
+                if t.boot_dir:
+                    extra["PYTHONPATH"] = t.boot_dir
+                env = env + [f"{k}={v}".encode() for k, v in extra.items() if k.encode() not in present]
+            argv = [os.fsdecode(a) for a in argv]
+            t.emit("proc.spawn", op, t.argv_target(executable, argv), _shell_detail(argv))
+            _unguarded_python(t, op, executable, argv, None)
+            _spawned_commands(t, op, argv)
+        except Blocked as blocked:
+            raise blocked.exc from None
+        finally:
+            t._tls.busy = False
+        return env
+
     def remember_lookup(self, host, infos) -> None:
         name = ev.normalise_host(host) if isinstance(host, (str, bytes)) else ""
         if not name or ev.canonical_ip(name) is not None:
@@ -527,6 +554,7 @@ _real_connect_ex = socket.socket.connect_ex
 _real_sendto = socket.socket.sendto
 _real_mkfifo = os.mkfifo
 _real_atexit_register = atexit.register
+_real_fork_exec = _posixsubprocess.fork_exec
 _real_mknod = os.mknod
 _readlink = os.readlink
 _installed: list[Guard] = []
@@ -660,6 +688,12 @@ def _intercept(guard: Guard) -> None:
         _real_atexit_register(as_test_code, *args, **kwargs)
         return func
 
+    def fork_exec(args, executable_list, close_fds, pass_fds, cwd, env, *rest):
+        exe = executable_list[0] if executable_list else (args[0] if args else b"")
+        env = current().check_spawn("_posixsubprocess.fork_exec", os.fsdecode(exe), list(args or ()), env)
+        return _real_fork_exec(args, executable_list, close_fds, pass_fds, cwd, env, *rest)
+
+    _posixsubprocess.fork_exec = fork_exec  # subprocess binds its own copy (and is audited)
     atexit.register = atexit_register
     posix.open = os_open  # the same function under its other name
     os.mkfifo = make_node(_real_mkfifo, "os.mkfifo")

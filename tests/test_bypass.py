@@ -1233,8 +1233,6 @@ CURL_SPAWNS = {
                                            'return os.waitpid(pid, 0)[1]',
 }
 SPAWN_BYPASSES = {
-    "multiprocessing.util.spawnv_passfds": "_posixsubprocess.fork_exec (used by multiprocessing) raises no audit "
-                                           "event and is not intercepted: any program starts undecided",
 }
 
 
@@ -1298,8 +1296,7 @@ CHILD_CASES = [
     ("python -I", "medium", NO_SITE), ("python -I", "high", None),
     ("python -X dev -I", "high", None),
     ("argv[0]-not-python -I", "high", None),
-    ("spawnv_passfds python -I", "high", "_posixsubprocess.fork_exec raises no audit event: neither the spawn nor "
-                                         "the -I is seen"),
+    ("spawnv_passfds python -I", "high", None),
     ("env -i python", "medium", "medium allows `env`; `env -i` clears the guard's variables before Python starts"),
     ("env -i python", "high", None),
 ]
