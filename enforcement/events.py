@@ -29,6 +29,7 @@ CATEGORIES: tuple[str, ...] = (
     "code.import", "code.native", "code.exec",
     "sys.tamper",
     "browser.request", "dom.mutation",
+    "syscall",  # a kernel system call from a syscall-level dataset (ADFA-LD); op and target name it
 )
 
 PHASES: tuple[str, ...] = ("collect", "setup", "call", "teardown", "session")
@@ -48,6 +49,8 @@ TARGET_CLASSES: tuple[str, ...] = (
     "stdlib_module", "module", "string", "interpreter", "self", "process",
     # browser
     "dom",
+    # system calls (ADFA-LD): one class, the target is the syscall's name
+    "syscall",
 )
 
 OBSERVED_TAGS: tuple[str, ...] = (
@@ -386,6 +389,8 @@ def target_class(category: str, target: str, detail: str = "") -> str:
         return "interpreter"
     if category == "dom.mutation":
         return "dom"
+    if category == "syscall":
+        return "syscall"
     raise ValueError(f"unknown category {category!r}")
 
 

@@ -193,7 +193,7 @@ def _categories(spec: str) -> frozenset[str]:
     if spec == "*":
         return frozenset(ev.CATEGORIES)
     if spec.endswith(".*") and spec[:-2] in _FAMILIES:
-        return frozenset(c for c in ev.CATEGORIES if c.startswith(spec[:-1]))
+        return frozenset(c for c in ev.CATEGORIES if c == spec[:-2] or c.startswith(spec[:-1]))
     return frozenset({spec}) if spec in ev.CATEGORIES else frozenset()
 
 

@@ -165,7 +165,8 @@ def test_target_class(category, target, detail, cls):
 
 def test_every_category_has_a_class_and_valid_tags():
     samples = {"fs": "${tmp}/x", "net": "127.0.0.1:1", "env": "HOME", "proc": "/bin/true",
-               "code": "json", "sys": "settrace", "browser": "http://localhost/", "dom": "script"}
+               "code": "json", "sys": "settrace", "browser": "http://localhost/", "dom": "script",
+               "syscall": "read"}
     for category in ev.CATEGORIES:
         cls = ev.target_class(category, samples[category.split(".")[0]])
         assert cls in ev.TARGET_CLASSES
