@@ -23,7 +23,7 @@ import pytest
 
 from sandhop.enforcement import events as ev
 from sandhop.enforcement.boot import make_boot_dir
-from sandhop.enforcement.engine import PolicyEngine, SandboxConfig
+from sandhop.enforcement.engine import PolicyEngine, SandboxConfig, literal_glob
 from sandhop.enforcement.guard import Guard, GuardSpec
 from sandhop.enforcement.policy import PolicyError
 from sandhop.enforcement.tracer import ENV_GUARD, Tracer
@@ -34,7 +34,7 @@ class Enforcer:
                  allow_degraded: bool = False, basetemp: str | None = None) -> None:
         self.policy = policy
         # A --basetemp outside the system temp folder is still the tests' temp folder.
-        self.runner_grants = (f"fs.* {_literal(os.path.realpath(basetemp))}/**",) if basetemp else ()
+        self.runner_grants = (f"fs.* {literal_glob(os.path.realpath(basetemp))}/**",) if basetemp else ()
         self.mode = mode
         self.audit_path = audit_log
         self.allow_degraded = allow_degraded
@@ -63,7 +63,7 @@ class Enforcer:
             tracer._own = tracer._own + (os.path.realpath(self.run_dir),)
         self.tracer = tracer
         try:
-            engine = PolicyEngine(_decision_roots(tracer.roots))
+            engine = PolicyEngine(tracer.roots)
             spec = GuardSpec(policy=self.policy, grants=self.runner_grants, mode=self.mode,
                              violations=str(self.violations_path), run_id=self.run_id)
             self.guard = Guard(tracer, engine, spec)
@@ -305,11 +305,6 @@ def _read_from(path: Path, offset: int) -> bytes:
         return f.read()
 
 
-def _literal(path: str) -> str:
-    from sandhop.enforcement.engine import _literal_glob
-    return _literal_glob(path)
-
-
 def _granted_ports(config: SandboxConfig) -> tuple[int, ...]:
     """TCP ports a lockdown test was granted by its marker (Landlock filters ports, not hosts)."""
     ports = []
@@ -321,6 +316,3 @@ def _granted_ports(config: SandboxConfig) -> tuple[int, ...]:
                 ports.append(int(port))
     return tuple(sorted(set(ports)))
 
-
-def _decision_roots(roots: ev.Roots) -> ev.Roots:
-    return roots

@@ -257,15 +257,15 @@ def suggest_rule(category: str, target: str) -> str:
     """The narrowest rule line (without effect) that names this exact target."""
     if category == "proc.spawn":
         exe = executable_of(target)
-        return f"{category} {_literal_glob(exe.rsplit('/', 1)[-1] if '/' in exe else exe)}"
+        return f"{category} {literal_glob(exe.rsplit('/', 1)[-1] if '/' in exe else exe)}"
     if category in ("net.connect", "net.bind", "net.send") and target.startswith(("/", "${")):
-        return f"{category} unix:{_literal_glob(target)}"
+        return f"{category} unix:{literal_glob(target)}"
     if category.startswith("fs.") or category == "code.native":
-        return f"{category} {_literal_glob(target)}"
+        return f"{category} {literal_glob(target)}"
     return category + " " + re.sub(r"[*?]|\s", "?", target)
 
 
-def _literal_glob(text: str) -> str:
+def literal_glob(text: str) -> str:
     """A glob that matches exactly `text`: wildcards as one-character sets, whitespace as `?`
     (rules are split on whitespace)."""
     return re.sub(r"\s", "?", re.sub(r"[*?\[]", lambda m: f"[{m.group()}]", text))

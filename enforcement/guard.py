@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from sandhop.enforcement import events as ev
 from sandhop.enforcement.engine import Decision, PolicyEngine, SandboxConfig
 from sandhop.enforcement.tracer import (ENV_GUARD, Blocked, Tracer, _shell_detail, _spawned_commands,
-                                        _unguarded_python)
+                                        _TracedEnviron, _unguarded_python)
 
 MODES = ("enforce", "audit")
 _NET_SEND = ("net.connect", "net.send")
@@ -117,7 +117,6 @@ class Guard:
         self._vfd = -1
         self._withheld: dict = {}
         self._lock = threading.Lock()
-        self.decisions = 0
 
     @classmethod
     def from_env(cls, tracer: Tracer, spec_json: str) -> "Guard":
@@ -202,7 +201,6 @@ class Guard:
             problems.append(f"the mode was changed to {self.mode!r}")
         if _installed and _installed[0] is not self:
             problems.append("the interceptors were pointed at another guard")
-        from sandhop.enforcement.tracer import _TracedEnviron
         if type(os.environ) is not _TracedEnviron:
             problems.append("os.environ is no longer traced (its class was changed back)")
         if "decide" in vars(self) or "gate" in vars(self):
@@ -246,29 +244,12 @@ class Guard:
         return self.engine.decide_target(category, target, cls, config)
 
     def _address_views(self, target: str, cls: str) -> list:
-        """The address as given, plus the names it was looked up as (allow-lists name hosts) or
-        the addresses a name resolves to (a name may point at a metadata or private IP)."""
+        """The address as given, plus the names it was looked up as (allow-lists name hosts)."""
         host, port = ev.split_address(target)
         views = [_View("net.connect", target, cls)]
-        if cls in _IP_CLASSES:
-            for name in sorted(self.state.names.get(host, ())):
-                views.append(_View("net.connect", ev.format_address(name, port), ev.host_class(name)))
-        elif ev.canonical_ip(host) is None:  # a name (also `localhost`): where it really points
-            for ip in self._resolve(host):
-                views.append(_View("net.connect", ev.format_address(ip, port), ev.ip_class(ip)))
+        for name in sorted(self.state.names.get(host, ())):
+            views.append(_View("net.connect", ev.format_address(name, port), ev.host_class(name)))
         return views
-
-    def _resolve(self, host: str) -> list[str]:
-        tls = self.tracer._tls
-        was = getattr(tls, "busy", False)
-        tls.busy = True
-        try:
-            infos = _real_getaddrinfo(host, None)
-        except OSError:
-            return []
-        finally:
-            tls.busy = was
-        return sorted({ev.canonical_ip(str(i[4][0])) or str(i[4][0]) for i in infos})
 
     def gate(self, category: str, op: str, target: str, detail: str, cls: str) -> None:
         """Called by the tracer with every decoded event; raises `Blocked` to stop it."""
@@ -280,10 +261,11 @@ class Guard:
             if original is not None:
                 d = self.engine.decide_all([_View(category, target, cls), original], self.config)
                 return self._act(category, op, target, detail, cls, d)
-        self.decisions += 1
-        if category in _NET_SEND and cls not in _IP_CLASSES and cls != "unix" and op.startswith("socket."):
-            # The interceptors hand connect()/sendto() a resolved address; a name arriving here
-            # came around them (raw `_socket`), resolved in C where no lookup was decided.
+        if (category in _NET_SEND and cls != "unix"
+                and ev.canonical_ip(ev.split_address(target)[0]) is None):
+            # The interceptors hand connect()/sendto() a resolved address (the lookup is decided
+            # there, once); a name arriving here came around them (raw `_socket`, `localhost`
+            # included) and was resolved in C where no lookup was decided.
             d = Decision("deny", "guard:unresolved-name", f"{category} to a host name that did not go "
                          "through the guard's resolver (raw _socket); connect through socket.socket")
             return self._act(category, op, target, detail, cls, d)
@@ -633,19 +615,15 @@ def _intercept(guard: Guard) -> None:
                 return (infos[0][4][0], *address[1:])
         return address
 
-    def connect(self, address):
-        address = resolved(self, address)
-        new = current().redirect_address(self, address)
-        if new:
-            return _redirecting(_real_connect, self, new)
-        return _real_connect(self, address)
-
-    def connect_ex(self, address):
-        address = resolved(self, address)
-        new = current().redirect_address(self, address)
-        if new:
-            return _redirecting(_real_connect_ex, self, new)
-        return _real_connect_ex(self, address)
+    def make_connect(real):
+        def connect(self, address):
+            address = resolved(self, address)
+            new = current().redirect_address(self, address)
+            if new:
+                return _redirecting(real, self, new)
+            return real(self, address)
+        connect.__name__ = real.__name__
+        return connect
 
     def sendto(self, data, *args):
         if args:
@@ -669,8 +647,8 @@ def _intercept(guard: Guard) -> None:
     os.remove = make_remove(_real_remove)
     os.unlink = make_remove(_real_unlink)
     socket.getaddrinfo = getaddrinfo
-    socket.socket.connect = connect
-    socket.socket.connect_ex = connect_ex
+    socket.socket.connect = make_connect(_real_connect)
+    socket.socket.connect_ex = make_connect(_real_connect_ex)
     socket.socket.sendto = sendto
     def atexit_register(func, *args, **kwargs):
         # A handler registered while a test runs is that test's code, however late it runs
