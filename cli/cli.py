@@ -41,6 +41,43 @@ def _cmd_trace_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inject(args: argparse.Namespace) -> int:
+    from sandhop.datasets import scenarios
+    from sandhop.datasets.card import scenario_table
+    from sandhop.datasets.inject import InjectConfig, inject_dir, parse_mix
+    if args.list_scenarios:
+        print(scenario_table(scenarios.select(args.scenarios)))
+        return 0
+    if not (args.traces and args.out):
+        raise ValueError("--traces DIR and --out DIR are required (or --list-scenarios)")
+    config = InjectConfig(scenarios=args.scenarios, rate=args.rate, hard_negative_rate=args.hard_negatives,
+                          mix=parse_mix(args.mix), seed=args.seed)
+    manifest = inject_dir(Path(args.traces), Path(args.out), config, suites=args.suite or None,
+                          progress=sys.stderr.isatty())
+    s = manifest["summary"]
+    print(f"injected {s['attacked_units']:,} attacks and {s['hard_negative_units']:,} hard negatives into "
+          f"{s['units']:,} tests ({s['injected_events']:,} events, {s['malicious_events']:,} malicious) "
+          f"-> {args.out} (manifest inject.json)")
+    return 0
+
+
+def _cmd_dataset_build(args: argparse.Namespace) -> int:
+    from sandhop.datasets import splits
+    cfg = splits.compose(args.overrides)
+    root = splits.build(cfg.dataset, args.out, force=args.force, progress=sys.stderr.isatty())
+    print(f"dataset {cfg.dataset.name}: {root}")
+    print(splits.format_stats(splits.read_manifest(root)))
+    return 0
+
+
+def _cmd_dataset_show(args: argparse.Namespace) -> int:
+    from sandhop.datasets import splits
+    manifest = splits.read_manifest(Path(args.root))
+    print(f"dataset {manifest['name']} (key {manifest['key']}, sandhop {manifest['sandhop']})")
+    print(splits.format_stats(manifest))
+    return 0
+
+
 def _audit_key(args: argparse.Namespace) -> bytes | None:
     """The key named by --key-env; None lets the audit module read SANDHOP_AUDIT_KEY itself."""
     import os
@@ -108,6 +145,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out")
     q.set_defaults(func=_cmd_trace_convert)
 
+    p = sub.add_parser("inject", help="insert attack scenarios into benign traces and label every event")
+    p.add_argument("--traces", help="trace dataset folder (or one run file)")
+    p.add_argument("--out", help="new folder for the labelled traces and inject.json")
+    p.add_argument("--scenarios", default="all",
+                   help="all | attacks | benign | ids | family:NAME, comma separated; -X removes (default: all)")
+    p.add_argument("--rate", type=float, default=0.2, help="fraction of tests that host an attack (default 0.2)")
+    p.add_argument("--hard-negatives", type=float, default=0.1,
+                   help="fraction of tests that host a hard negative (default 0.1)")
+    p.add_argument("--mix", help="scenario weights, e.g. dns-tunnel=2,family:persistence=0.5 (default: equal)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same dataset (default 0)")
+    p.add_argument("--suite", action="append", help="only this suite (repeatable)")
+    p.add_argument("--list-scenarios", action="store_true", help="print the scenario table and exit")
+    p.set_defaults(func=_cmd_inject)
+
+    p = sub.add_parser("dataset", help="build and inspect the labelled train/val/test/novel splits")
+    dsub = p.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
+    q = dsub.add_parser("build", help="build the splits of a dataset config (Hydra overrides, e.g. dataset=small)")
+    q.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="e.g. dataset=small dataset.seed=3")
+    q.add_argument("--out", help="build folder (default: a cache folder keyed by the config)")
+    q.add_argument("--force", action="store_true", help="rebuild even if a build with the same key exists")
+    q.set_defaults(func=_cmd_dataset_build)
+    q = dsub.add_parser("show", help="print the split statistics of a build folder")
+    q.add_argument("root")
+    q.set_defaults(func=_cmd_dataset_show)
+
     p = sub.add_parser("audit", help="verify audit logs of enforced runs, or export their decisions")
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     q = asub.add_parser("verify", help="re-walk each log's hash chain; exit 1 on any edit, deletion, "
@@ -142,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sandhop {args.command}: needs a package that is not installed ({exc.name}); "
               f"install everything with: pip install -e '.[all]'", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as exc:
         print(f"sandhop {args.command}: {exc}", file=sys.stderr)
         return 1
 

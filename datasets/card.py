@@ -1,6 +1,8 @@
-"""The per-suite table of the dataset card, rendered from the manifest and the traces themselves.
+"""The tables of the dataset card, rendered from the data itself.
 
-    python -m sandhop.datasets.card datasets/data/traces
+    python -m sandhop.datasets.card datasets/data/traces   # per-suite table
+    python -m sandhop.datasets.card --scenarios            # the scenario library
+    python -m sandhop.datasets.card --splits [dataset=NAME] # split statistics (builds if needed)
 """
 
 from __future__ import annotations
@@ -43,5 +45,29 @@ def render_table(root: Path) -> str:
     return "\n".join(lines)
 
 
+def scenario_table(scenarios=None) -> str:
+    """Markdown: id, family, inferred tags, damaging step (as the generator spells it), source."""
+    from sandhop.datasets import scenarios as lib
+    lines = ["| id | family | tags | damaging step | source |", "|---|---|---|---|---|"]
+    for s in scenarios if scenarios is not None else lib.SCENARIOS:
+        k = s.damaging_step
+        damage = "— (benign)" if k is None else f"{k + 1}/{len(s.steps)}: `{s.steps[k].category} {s.steps[k].target}`"
+        source = s.source.replace("|", "\\|")
+        lines.append(f"| `{s.id}` | {s.family} | {', '.join(s.tags) or '—'} | {damage} | {source} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--scenarios"]:
+        print(scenario_table())
+    elif argv[:1] == ["--splits"]:
+        from sandhop.datasets import splits
+        cfg = splits.compose(argv[1:])
+        print(splits.format_stats(splits.read_manifest(splits.build(cfg.dataset))))
+    else:
+        print(render_table(Path(argv[0] if argv else "datasets/data/traces")))
+    return 0
+
+
 if __name__ == "__main__":
-    print(render_table(Path(sys.argv[1] if len(sys.argv) > 1 else "datasets/data/traces")))
+    sys.exit(main(sys.argv[1:]))

@@ -62,8 +62,10 @@ TRACE_SCHEMA = pa.schema(
 # Columns a trace may carry after the Event fields, never null: written by tools that know more
 # than the recorder (the audit export adds the policy rule that decided each row). Runs with and
 # without one read together; rows from a run without it get the blank value.
-OPTIONAL_COLUMNS: dict[str, pa.DataType] = {"rule": pa.string()}
-_OPTIONAL_BLANKS: dict[str, object] = {"rule": ""}
+# Labelled (injected) traces add `step`, the index of an injected event's scenario step (-1 for
+# a recorded event), and `damaging`, true on the step of an attack that does the harm.
+OPTIONAL_COLUMNS: dict[str, pa.DataType] = {"rule": pa.string(), "step": pa.int32(), "damaging": pa.bool_()}
+_OPTIONAL_BLANKS: dict[str, object] = {"rule": "", "step": -1, "damaging": False}
 
 # Closed vocabularies checked on every read: (column, allowed values).
 _VOCABULARIES: tuple[tuple[str, tuple[str, ...]], ...] = (
