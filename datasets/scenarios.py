@@ -8,10 +8,10 @@ that look like attacks to a naive rule (a config file in HOME, a loopback server
 Each scenario has two forms:
 - `generate(scenario, rng)`: its events with variation (which secret, which host, IP spelling,
   ports, file names, the phase it fires in, timing), used by `sandhop inject`;
-- a live probe, `datasets/probes/test_probes.py::test_<id with _>`, that really performs it
-  against canaries in a fake HOME and listeners inside a private network namespace
-  (`python -m sandhop.datasets.probes`). `tests/test_probes.py` checks that the two agree on
-  categories, target classes and order.
+- a live probe, a test in `datasets/probes/` (`sandhop.datasets.probe.PROBES` maps each scenario
+  to its node ids), that really performs it against canaries in a fake HOME and listeners inside
+  a private network namespace (`python -m sandhop.datasets.probe`). `tests/test_probes.py`
+  checks that the two agree on categories, ops, target classes and order.
 
 Templates name variables in braces, drawn once per generated attack from `POOLS` so that one
 attack is self-consistent (the host it resolves is the host it connects to); a variable named
@@ -266,7 +266,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "pymafka (May 2022): downloaded and ran a Cobalt Strike beacon; ATT&CK T1105",
         (dns("{attacker_domain}", tags=(EXEC,)),
          connect("{attacker_ip}:{web_port}", tags=(EXEC,), damaging=False),
-         write("{tmpdir}/{payload}", "wb", tags=(EXEC,)),
+         write("{tmpdir}/{payload}", "w", tags=(EXEC,)),
          Step("fs.meta", "os.chmod", "{tmpdir}/{payload}", "0o755", tags=(EXEC,)),
          spawn("{tmpdir}/{payload}", tags=(EXEC,), damaging=True)),
     ),
@@ -274,7 +274,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "cryptominer", "resource-abuse",
         "Writes a miner to a hidden cache folder and starts it against a mining pool.",
         "ultralytics 8.3.41 (Dec 2024): XMRig miner started on import; ATT&CK T1496",
-        (write("${home}/.cache/.{miner}/{miner}", "wb", tags=(ABUSE,)),
+        (write("${home}/.cache/.{miner}/{miner}", "w", tags=(ABUSE,)),
          Step("fs.meta", "os.chmod", "${home}/.cache/.{miner}/{miner}", "0o755", tags=(ABUSE,)),
          spawn("${home}/.cache/.{miner}/{miner} -o {pool_domain}:443 --donate-level 1 --background",
                tags=(ABUSE, EXEC), damaging=True)),
@@ -315,7 +315,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "proc-environ", "env-exfil",
         "Reads the process environment through /proc/self/environ and sends it in a UDP datagram.",
         "Environment theft via /proc (ATT&CK T1552.007-style); ATT&CK T1048",
-        (Step("fs.read", "open", "/proc/{pid}/environ", "rb", tags=(C,)),
+        (Step("fs.read", "open", "/proc/{pid}/environ", "r", tags=(C,)),
          Step("net.send", "socket.sendto", "{attacker_ip}:53", "udp", tags=(L,), damaging=True)),
     ),
     Scenario(
