@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-scenarios", action="store_true", help="print the scenario table and exit")
     p.set_defaults(func=_cmd_inject)
 
+    p = sub.add_parser("probes", add_help=False,
+                       help="run the live attack probes in a private network namespace (root); "
+                            "[--record DIR] [--keep] [--report FILE] [-- pytest args]")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
     p = sub.add_parser("dataset", help="build and inspect the labelled train/val/test/novel splits")
     dsub = p.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
     q = dsub.add_parser("build", help="build the splits of a dataset config (Hydra overrides, e.g. dataset=small)")
@@ -194,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     # Our warnings are messages for the user, not for a developer: no source line.
     warnings.formatwarning = lambda message, category, *_a, **_k: f"sandhop: {message}\n"
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["probes"]:  # every argument belongs to the probe harness (argparse cannot pass "--x" on)
+        from sandhop.datasets.probe import main as probe_main
+        return probe_main(argv[1:])
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

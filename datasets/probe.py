@@ -562,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra: list[str] = []
     if "--" in argv:
         argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
-    parser = argparse.ArgumentParser(prog="python -m sandhop.datasets.probe",
+    parser = argparse.ArgumentParser(prog="sandhop probes",
                                      description="Run the live probes of the scenario library in a private "
                                                  "network namespace with a fake HOME (needs root).")
     parser.add_argument("--record", metavar="DIR", help=f"record the run into this trace root (suite {SUITE})")

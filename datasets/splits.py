@@ -346,7 +346,7 @@ def available() -> list[str]:
 
 def format_stats(manifest: dict) -> str:
     """The split table of the dataset card (Markdown)."""
-    lines = ["| split | suites | tests | events | attacked tests | hard-negative tests | malicious events | scenarios |",
+    lines = ["| split | suites | units (tests + collectors) | events | attacked units | hard-negative units | malicious events | scenarios |",
              "|---|---|---|---|---|---|---|---|"]
     for split, s in manifest["splits"].items():
         lines.append(f"| {split} | {', '.join(x.split('==')[0] for x in s['suites'])} | {s['units']:,} | "

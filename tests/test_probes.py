@@ -156,3 +156,13 @@ def test_launcher_refuses_the_host_namespace(tmp_path: Path):
     result = subprocess.run([sys.executable, "-m", "sandhop.datasets.probe", "--inside", str(tmp_path / "spec.json")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "must run in a fresh network namespace" in result.stderr
+
+
+@needs_netns
+def test_sandhop_probes_command_runs_them_all(tmp_path, capsys):
+    from sandhop.cli import main
+    import json
+    assert main(["probes", "--report", str(tmp_path / "report.json")]) == 0
+    assert f"{len(probe.PROBES)} passed" in capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["rc"] == 0 and set(report["outcomes"].values()) == {"passed"}
