@@ -527,7 +527,8 @@ def probe_events(rows: Iterable[Mapping], scenario_id: str) -> list[Mapping]:
 def agreement(scenario: sc.Scenario | str, events: Sequence[Mapping]) -> list[str]:
     """Problems (empty: none) with `events`, a probe's recording, as the scenario's live twin:
     the generated steps must appear in it in order, with the same category, op and a class the
-    generator gives the step (other events may come between; a child step in another process)."""
+    generator gives the step (other events may come between; a child step in another process).
+    Probes do interchangeable steps in the library's order, one of the orders the generator draws."""
     s = sc.get(scenario) if isinstance(scenario, str) else scenario
     if not events:
         return [f"{s.id}: the probe {PROBES[s.id].events} recorded no events"]

@@ -57,6 +57,7 @@ class Scenario:
     malicious: bool = True
     phases: tuple[str, ...] = ("call",)  # where it may fire; the first is the usual one
     slow: bool = False                   # steps spread across the host test's benign work
+    unordered: tuple[tuple[int, ...], ...] = ()  # runs of consecutive steps done in any order
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -207,6 +208,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "MAL-2026-6949 (npm vps-adapter-core: credentials sent over raw TCP); req-tools/reols (PyPI, 2020: raw socket with host facts, pypi/warehouse#7195); ATT&CK T1552, T1095",
         (env_read("{secret_env}"), env_read("{secret_env2}"),
          connect("{attacker_ip}:{exfil_port}")),
+        unordered=((0, 1),),
     ),
     Scenario(
         "ssh-key-http-post", "credential-file-exfil",
@@ -219,6 +221,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "Reads cloud credentials (AWS, gcloud, Azure, kube, docker) and POSTs them over HTTP.",
         "MAL-2026-2144 (litellm 1.82.7/1.82.8: cloud and kube credentials exfiltrated over HTTPS); ATT&CK T1552.001, T1041",
         (read("{cloud_cred}"), read("{token_file}"), *http_post("attacker_domain", "attacker_ip")),
+        unordered=((0, 1),),
     ),
     Scenario(
         "dns-tunnel", "dns-exfil",
@@ -340,7 +343,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "technique, no confirmed package case: low-and-slow exfiltration; ATT&CK T1030, T1029",
         (read("{token_file}"), read("${home}/.ssh/{ssh_key}"),
          *http_post("attacker_domain", "attacker_ip")),
-        slow=True,
+        slow=True, unordered=((0, 1),),
     ),
     Scenario(
         "slow-dns-drip", "dns-exfil",
@@ -358,6 +361,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         (read("/etc/passwd", tags=(RECON,)), read("/etc/hostname", tags=(RECON,)),
          spawn("{recon_tool}", tags=(RECON,)), env_dump(tags=(RECON,)),
          dns("{label}.{oast_domain}", tags=(L, RECON), damaging=True)),
+        unordered=((0, 1, 2, 3),),
     ),
     Scenario(
         "token-stealer", "saas-exfil",
@@ -373,6 +377,7 @@ SCENARIOS: tuple[Scenario, ...] = (
          Step("sys.tamper", "sys.setprofile", "setprofile", tags=(TAMPER, EVADE)),
          env_read("{secret_env}"),
          connect("{attacker_ip}:{exfil_port}")),
+        unordered=((0, 1),),
     ),
     Scenario(
         "pickle-payload", "deserialization",
@@ -388,7 +393,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "Benign: config discovery (ruff, black, pip read config in HOME; pip.conf is classed a secret)",
         (read("${home}/.config/{app}/config.toml", tags=()), read("${home}/.gitconfig", tags=()),
          read("${home}/.config/pip/pip.conf", tags=())),
-        malicious=False, phases=("call", "setup", "collect"),
+        malicious=False, phases=("call", "setup", "collect"), unordered=((0, 1, 2),),
     ),
     Scenario(
         "hn-loopback-server", "benign", "A test starts a server on loopback and talks to it.",
@@ -502,8 +507,13 @@ def generate(scenario: Scenario | str, rng: random.Random | int, *, phase: str |
     if phase not in s.phases:
         raise ScenarioError(f"scenario {s.id!r} fires in {', '.join(s.phases)}, not {phase!r}")
     slow = s.slow if slow is None else slow
+    order = list(range(len(s.steps)))
+    for group in s.unordered:  # interchangeable steps (which file is read first) in a drawn order
+        shuffled = rng.sample(group, len(group))
+        order[group[0]:group[-1] + 1] = shuffled
     events, t = [], 0
-    for index, step in enumerate(s.steps):
+    for index in order:
+        step = s.steps[index]
         for _ in range(rng.randint(*step.repeat)):
             target = _render(step, draw, rng)
             cls = step.cls or target_class(step.category, target, step.detail)
@@ -552,6 +562,12 @@ def check_library(scenarios: Sequence[Scenario] = SCENARIOS) -> list[str]:
             problems.append(f"{where}: an attack has exactly one damaging step, found {len(damaging)}")
         if not s.malicious and (damaging or s.tags):
             problems.append(f"{where}: a hard negative has no damaging step and no inferred tags")
+        for group in s.unordered:
+            if list(group) != list(range(group[0], group[0] + len(group))) or group[-1] >= len(s.steps) \
+                    or len(group) < 2:
+                problems.append(f"{where}: unordered group {group} is not a run of 2+ consecutive steps")
+            elif s.damaging_step in group:
+                problems.append(f"{where}: the damaging step cannot be in an unordered group")
         if s.malicious and not s.tags:
             problems.append(f"{where}: an attack shows at least one inferred behaviour tag")
         for st in s.steps:
