@@ -58,9 +58,11 @@ def test_demo_records_the_bundled_suite_and_reuses_it(tmp_path):
     assert "category" in first.stdout and "code.import" in first.stdout
     assert "markupsafe==3.0.4" in first.stdout
     assert list((out / "traces").glob("suite=*/run-*.parquet"))
+    assert "| novel |" in first.stdout and (out / "dataset" / "splits.json").exists()
     second = subprocess.run([sys.executable, "-m", "sandhop", "demo", "--suite", "markupsafe", "--out", str(out)],
                             capture_output=True, text=True)
     assert second.returncode == 0 and "reusing the recording" in second.stdout
+    assert "reusing the labelled splits" in second.stdout
     assert len(list((out / "traces").glob("suite=*/run-*.parquet"))) == 1
 
 
