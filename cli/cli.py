@@ -78,6 +78,13 @@ def _cmd_dataset_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_adfa_score(args: argparse.Namespace) -> int:
+    from sandhop.agents.adfa_lm import score_folder
+    n = score_folder(Path(args.checkpoint), Path(args.data), Path(args.out))
+    print(f"scored {n} traces -> {args.out} (file,score; higher = more anomalous)")
+    return 0
+
+
 def _audit_key(args: argparse.Namespace) -> bytes | None:
     """The key named by --key-env; None lets the audit module read SANDHOP_AUDIT_KEY itself."""
     import os
@@ -174,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("show", help="print the split statistics of a build folder")
     q.add_argument("root")
     q.set_defaults(func=_cmd_dataset_show)
+
+    p = sub.add_parser("adfa", help="score ADFA-LD-layout system-call traces with a trained risk model")
+    asub = p.add_subparsers(dest="adfa_command", metavar="ACTION", required=True)
+    q = asub.add_parser("score", help="write file,score for every trace of a folder or zip in ADFA-LD layout")
+    q.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+                   help="the out= folder of `sandhop-train-risk experiment=adfa_ld`")
+    q.add_argument("--data", required=True, metavar="PATH", help="ADFA-LD-layout folder or zip")
+    q.add_argument("--out", required=True, metavar="CSV")
+    q.set_defaults(func=_cmd_adfa_score)
 
     p = sub.add_parser("audit", help="verify audit logs of enforced runs, or export their decisions")
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)

@@ -1,0 +1,240 @@
+"""The risk model: shapes, causality, incremental = full inference, learning, resumable Hydra
+training with Orbax checkpoints, ADFA-LD scoring, and clear errors for mismatched specs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+pytest.importorskip("flax")
+pytest.importorskip("hydra")
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from sandhop.agents.features import FeatureError, FeatureSpec, N_FIXED  # noqa: E402
+from sandhop.agents.risk_model import ModelConfig, RiskModel, next_event_nll  # noqa: E402
+
+SPEC = FeatureSpec.fit(["open", "socket.connect", "subprocess.Popen", "environ.get"], pieces=2, piece_buckets=64)
+
+
+def random_events(rng: np.random.Generator, b: int, t: int, spec: FeatureSpec = SPEC) -> np.ndarray:
+    x = np.zeros((b, t, spec.width), np.int32)
+    x[..., 0] = rng.integers(1, spec.n_categories, (b, t))
+    x[..., 1] = rng.integers(1, spec.n_ops, (b, t))
+    x[..., 2] = rng.integers(1, spec.n_classes, (b, t))
+    x[..., 3] = rng.integers(1, spec.n_phases, (b, t))
+    x[..., 4] = rng.integers(1, spec.dt_buckets, (b, t))
+    x[..., N_FIXED:] = rng.integers(0, spec.piece_buckets, (b, t, spec.pieces))
+    return x
+
+
+def model(context: int = 8, seed: int = 0) -> RiskModel:
+    return RiskModel(SPEC, ModelConfig(width=16, layers=2, heads=2, mlp=2, context=context, dropout=0.0),
+                     rngs=nnx.Rngs(seed))
+
+
+def test_output_shapes_and_dtypes():
+    m = model()
+    out = m(jnp.asarray(random_events(np.random.default_rng(0), 3, 11)))
+    assert out["lm_category"].shape == (3, 11, SPEC.n_categories)
+    assert out["lm_op"].shape == (3, 11, SPEC.n_ops) and out["lm_class"].shape == (3, 11, SPEC.n_classes)
+    assert out["risk"].shape == (3, 11) and out["tags"].shape == (3, 11, len(SPEC.tags))
+    assert all(v.dtype == jnp.float32 for v in out.values())
+    with pytest.raises(ValueError, match="even size"):
+        ModelConfig(width=12, heads=4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 23))
+def test_future_events_never_change_past_outputs(seed, cut):
+    m = model()
+    rng = np.random.default_rng(seed)
+    x = random_events(rng, 1, 24)
+    y = x.copy()
+    y[:, cut:] = random_events(rng, 1, 24 - cut)
+    a, b = m(jnp.asarray(x)), m(jnp.asarray(y))
+    for key in ("risk", "tags", "lm_op"):
+        np.testing.assert_allclose(np.asarray(a[key])[:, :cut], np.asarray(b[key])[:, :cut], atol=1e-5)
+
+
+def test_incremental_path_equals_full_sequence_inference():
+    m = model(context=6)
+    x = jnp.asarray(random_events(np.random.default_rng(1), 2, 20))  # longer than the window
+    full = m(x)
+    cache, steps = m.init_cache(2), []
+    for t in range(20):
+        out, cache = m.step(x[:, t], cache)
+        steps.append(out)
+    for key in ("risk", "tags", "lm_category", "lm_op", "lm_class"):
+        inc = np.stack([np.asarray(o[key]) for o in steps], axis=1)
+        np.testing.assert_allclose(inc, np.asarray(full[key]), atol=1e-5, rtol=1e-5)
+
+
+def test_windowed_scoring_of_long_episodes_equals_the_incremental_path():
+    from sandhop.agents.train_risk import score_episodes
+    m = model(context=5)
+    long = random_events(np.random.default_rng(2), 1, 40)[0]
+    scored = score_episodes(m, [long, long[:7]], seq_len=12)  # 2 layers x 4 back (+1): keeps 3 of 12
+    cache, risk = m.init_cache(1), []
+    for t in range(40):
+        out, cache = m.step(jnp.asarray(long[None, t]), cache)
+        risk.append(float(out["risk"][0]))
+    np.testing.assert_allclose(scored[0]["risk"], risk, atol=1e-5)
+    full = m(jnp.asarray(long[None]))
+    np.testing.assert_allclose(scored[0]["surprise"], np.asarray(next_event_nll(full, jnp.asarray(long[None])))[0],
+                               atol=1e-4)
+    assert len(scored[1]["risk"]) == 7
+
+
+def test_a_tiny_batch_is_learned():
+    from sandhop.agents.train_risk import Packed, Trainer
+    from omegaconf import OmegaConf
+    rng = np.random.default_rng(3)
+    x = random_events(rng, 4, 16)
+    data = Packed(x, np.ones((4, 16), np.int32), (rng.random((4, 16)) < 0.3).astype(np.float32),
+                  np.zeros((4, 16, len(SPEC.tags)), np.float32))
+    train_cfg = OmegaConf.create({"lr": 1e-2, "final_lr_fraction": 1.0, "warmup_steps": 1, "weight_decay": 0.0,
+                                  "clip": 1.0, "loss_weights": {"lm": 1.0, "risk": 1.0, "tags": 0.5}})
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(Path(tmp), SPEC, ModelConfig(width=32, layers=2, heads=2, mlp=2, context=16, dropout=0.0),
+                          train_cfg, 300, 0)
+        first = trainer.evaluate_loss(data, 4)
+        for _ in range(150):
+            trainer.train_epoch(data, 0, 4, 0)
+        last = trainer.evaluate_loss(data, 4)
+    assert last["val_lm"] < 0.3 * first["val_lm"] and last["val_risk"] < 0.3 * first["val_risk"]
+
+
+# --------------------------------------------------------------------------- Hydra app
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    GlobalHydra.instance().clear()
+    with initialize_config_module("sandhop.configs", version_base="1.3"):
+        return hydra_compose("train_risk", overrides=list(overrides))
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("group,name", [(g, p.stem) for g in ("model", "dataset", "experiment")
+                                        for p in sorted((CONFIGS / g).glob("*.yaml"))])
+def test_every_config_composes(group, name):
+    cfg = compose(f"{group}={name}")
+    ModelConfig(**cfg.model)
+    assert cfg.dataset.name and cfg.train.epochs >= 1
+
+
+TINY = ("model=tiny", "dataset=small", "dataset.max_units_per_suite=12", "train.seq_len=32", "train.batch_size=8",
+        "train.epochs=2", "train.save_every_steps=1", "progress=false")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SANDHOP_CACHE", str(tmp_path / "cache"))
+
+
+def _params(out: Path):
+    from sandhop.agents.train_risk import load_run
+    m, _, _ = load_run(out)
+    return jax.tree_util.tree_leaves(nnx.state(m, nnx.Param))
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, cache):
+    from sandhop.agents.train_risk import run
+    whole = tmp_path / "whole"
+    run(compose(*TINY, f"out={whole}", "evaluate=false"))
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        run(compose(*TINY, f"out={part}", "evaluate=false", "train.stop_after_steps=3"))
+    resumed = run(compose(*TINY, f"out={part}", "evaluate=false"))
+    assert resumed["epoch"] == 2
+    for a, b in zip(_params(whole), _params(part)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    rows = list(csv.DictReader(open(part / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and "val_loss" in rows[0]
+    assert (part / "config.yaml").exists() and (part / "spec.json").exists()
+
+
+def test_training_evaluates_on_held_out_suites_and_novel(tmp_path, cache):
+    from sandhop.agents.train_risk import run
+    out = tmp_path / "run"
+    result = run(compose(*TINY, f"out={out}", "train.epochs=1", "dataset.splits.test=[requests]",
+                         "dataset.splits.val=[packaging]"))
+    assert set(result["splits"]) == {"val", "test", "novel"}
+    for split in ("val", "test", "novel"):
+        r = result["splits"][split]
+        for key in ("event_roc_auc", "test_roc_auc", "test_detection_at_1pct_fpr", "flagged_before_damage",
+                    "tag_macro_f1", "ece"):
+            assert key in r and 0.0 <= r[key] <= 1.0, (split, key, r.get(key))
+    assert (out / "roc.png").stat().st_size > 1000 and (out / "reliability.png").exists()
+    assert json.loads((out / "evaluation.json").read_text())["splits"]["test"]["episodes"] > 0
+
+
+def test_resuming_with_another_model_config_is_refused(tmp_path, cache):
+    from sandhop.agents.train_risk import TrainError, run
+    out = tmp_path / "run"
+    run(compose(*TINY, f"out={out}", "evaluate=false", "train.epochs=1"))
+    with pytest.raises(TrainError, match="another model config"):
+        run(compose(*TINY, f"out={out}", "evaluate=false", "model.width=32"))
+
+
+# --------------------------------------------------------------------------- ADFA-LD
+
+ADFA = {
+    **{f"Training_Data_Master/UTD-{i:04d}.txt": " ".join(["3 4 5 6"] * (3 + i % 4)) for i in range(12)},
+    **{f"Validation_Data_Master/UVD-{i:04d}.txt": " ".join(["3 4 5 6"] * 4) for i in range(6)},
+    **{f"Attack_Data_Master/Adduser_{i}/UAD-Adduser-{i}-1.txt": "11 102 11 102 3 6 11 102" for i in range(1, 4)},
+}
+
+
+def test_adfa_experiment_and_the_score_command(tmp_path, cache, capsys):
+    from sandhop.agents.train_risk import run
+    from sandhop.cli import main
+    data = tmp_path / "adfa"
+    for rel, text in ADFA.items():
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_text(text)
+    out = tmp_path / "run"
+    result = run(compose("experiment=adfa_ld", "model=tiny", f"dataset.path={data}", f"out={out}",
+                         "train.epochs=25", "train.seq_len=32", "train.batch_size=4", "progress=false",
+                         "train.holdout=0.25", "train.warmup_steps=2", "train.lr=1e-2", "train.save_every_steps=0"))
+    lm, stide = result["adfa_ld"]["lm"], result["adfa_ld"]["stide"]
+    assert lm["n_normal"] == 6 and lm["n_attack"] == 3 and stide["n_attack"] == 3
+    assert lm["roc_auc"] > 0.9  # attacks are made of calls the normal traces never make
+    assert main(["adfa", "score", "--checkpoint", str(out), "--data", str(data), "--out", str(tmp_path / "s.csv")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert len(rows) == len(ADFA) and {"file", "score"} == set(rows[0])
+    attack = [float(r["score"]) for r in rows if r["file"].startswith("attack/")]
+    normal = [float(r["score"]) for r in rows if r["file"].startswith("validation/")]
+    assert min(attack) > max(normal)
+
+
+def test_a_checkpoint_refuses_data_of_another_spec(tmp_path, cache, capsys):
+    from sandhop.agents.train_risk import TrainError, check_spec_file, load_run, run
+    from sandhop.cli import main
+    out = tmp_path / "run"
+    run(compose(*TINY, f"out={out}", "evaluate=false", "train.epochs=1"))
+    other = FeatureSpec.fit(["x"], pieces=1)
+    with pytest.raises(TrainError, match="trained on other data"):
+        check_spec_file(out, other)
+    _, spec, _ = load_run(out)
+    with pytest.raises(FeatureError, match="another feature spec"):
+        spec.check_compatible(other)
+    assert main(["adfa", "score", "--checkpoint", str(out), "--data", str(tmp_path), "--out",
+                 str(tmp_path / "s.csv")]) == 1
+    assert "not ADFA-LD" in capsys.readouterr().err
+    with pytest.raises(TrainError, match="not a risk-model run folder"):
+        load_run(tmp_path)
+    (out / "spec.json").write_text(json.dumps({"version": 99}))
+    with pytest.raises(FeatureError, match="version 99"):
+        load_run(out)
+
