@@ -392,7 +392,10 @@ def load_data(cfg: Any) -> tuple[dict[str, Encoded], FeatureSpec, str]:
 
 def run(cfg: Any) -> dict:
     """Train (or resume) and evaluate one run; returns the evaluation."""
+    import logging
     from omegaconf import OmegaConf
+    for name in ("absl", "jax", "orbax"):  # their INFO lines would drown the progress bar under Hydra
+        logging.getLogger(name).setLevel(logging.WARNING)
     out = Path(cfg.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -444,7 +447,7 @@ def run(cfg: Any) -> dict:
 
 def evaluate_traces(model: RiskModel, data: dict[str, Encoded], out: Path) -> dict:
     from sandhop.agents import evaluate_risk as ev
-    outputs = {name: score_episodes(model, enc.features) for name, enc in data.items()}
+    outputs = {name: score_episodes(model, enc.features) for name, enc in data.items() if name != "train"}
     calibrator = ev.fit_calibrator(data["val"], outputs["val"])
     val_probs = []
     flat = ev.flatten(data["val"], outputs["val"])
