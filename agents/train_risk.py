@@ -52,6 +52,14 @@ class Packed:
     def __len__(self) -> int:
         return len(self.x)
 
+    def batch(self, rows: np.ndarray, size: int) -> dict[str, jax.Array]:
+        """Rows `rows`, padded with empty rows (segment 0: masked everywhere) to `size`, so every
+        batch has one shape and the step compiles once."""
+        pad = size - len(rows)
+        take = lambda a: np.concatenate([a[rows], np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a[rows]  # noqa: E731
+        return {"x": jnp.asarray(take(self.x)), "segment": jnp.asarray(take(self.segment)),
+                "malicious": jnp.asarray(take(self.malicious)), "tags": jnp.asarray(take(self.tags))}
+
 
 def pack(enc: Encoded, seq_len: int) -> Packed:
     """First-fit packing of episodes (cropped into chunks of at most `seq_len`) into rows."""
@@ -178,7 +186,8 @@ class Trainer:
                  total_steps: int, seed: int) -> None:
         import orbax.checkpoint as ocp
         self.out, self.spec, self.train_cfg = out, spec, train_cfg
-        self.model = RiskModel(spec, model_cfg, rngs=nnx.Rngs(params=seed))
+        # one compiled program instead of an eager compile per initialiser and shape
+        self.model = nnx.jit(lambda: RiskModel(spec, model_cfg, rngs=nnx.Rngs(params=seed)))()
         self.tx = make_optimizer(train_cfg, total_steps)
         self.graphdef, self.state = nnx.split(self.model)
         self.params = nnx.state(self.model, nnx.Param)
@@ -254,9 +263,7 @@ class Trainer:
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         sums: dict[str, float] = {}
         for b in range(self.batch_in_epoch, len(batches)):
-            idx = batches[b]
-            batch = {"x": jnp.asarray(data.x[idx]), "segment": jnp.asarray(data.segment[idx]),
-                     "malicious": jnp.asarray(data.malicious[idx]), "tags": jnp.asarray(data.tags[idx])}
+            batch = data.batch(batches[b], batch_size)
             key = jax.random.fold_in(jax.random.key(seed), self.step)
             self.params, self.opt_state, parts = self._train_step(self.params, self.rest, self.opt_state, batch, key)
             self.step += 1
@@ -279,10 +286,8 @@ class Trainer:
         sums: dict[str, float] = {}
         n = 0
         for i in range(0, len(data), batch_size):
-            batch = {"x": jnp.asarray(data.x[i:i + batch_size]), "segment": jnp.asarray(data.segment[i:i + batch_size]),
-                     "malicious": jnp.asarray(data.malicious[i:i + batch_size]),
-                     "tags": jnp.asarray(data.tags[i:i + batch_size])}
-            parts = self._eval_step(self.params, self.rest, batch)
+            parts = self._eval_step(self.params, self.rest, data.batch(np.arange(i, min(i + batch_size, len(data))),
+                                                                        batch_size))
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
