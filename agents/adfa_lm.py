@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from sandhop.agents.features import Encoded, FeatureSpec
+from sandhop.agents.features import Encoded
 from sandhop.agents.risk_model import RiskModel
 
 

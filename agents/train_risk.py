@@ -1,6 +1,7 @@
 """`sandhop-train-risk`: train the risk model (a Hydra app, `configs/train_risk.yaml`).
 
-    sandhop-train-risk                                  # dataset=small, model=small
+    sandhop-train-risk                                  # dataset=default, model=small (about 3 min here)
+    sandhop-train-risk dataset=small model=tiny         # a smoke run
     sandhop-train-risk dataset=default model=base train.epochs=4
     sandhop-train-risk experiment=adfa_ld               # LM-only anomaly detection on ADFA-LD
     sandhop-train-risk out=runs/risk/a                  # again: resumes where it stopped
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sandhop.agents.features import PAD, Encoded, FeatureError, FeatureSpec, encode_episodes, fit_spec
+from sandhop.agents.features import Encoded, FeatureError, FeatureSpec, encode_episodes, fit_spec
 from sandhop.agents.risk_model import ModelConfig, RiskModel, losses, next_event_nll
 
 

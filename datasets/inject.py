@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from bisect import bisect_left
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ import pyarrow.compute as pc
 from sandhop import __version__
 from sandhop.datasets import scenarios as lib
 from sandhop.datasets.traces import (
-    OPTIONAL_COLUMNS, RUN_ID_KEY, SUITE_KEY, TRACE_SCHEMA, TraceError, events_to_table,
+    OPTIONAL_COLUMNS, TRACE_SCHEMA, TraceError, events_to_table,
     read_traces, write_trace,
 )
 
@@ -357,7 +356,3 @@ def parse_mix(text: str | None) -> dict[str, float]:
             raise ValueError(f"--mix entry {item!r} is not NAME=WEIGHT (e.g. dns-tunnel=2,family:persistence=0.5)") from None
     return mix
 
-
-def meta_of(table: pa.Table) -> tuple[str, str]:
-    meta = table.schema.metadata or {}
-    return meta.get(SUITE_KEY.encode(), b"").decode(), meta.get(RUN_ID_KEY.encode(), b"").decode()
