@@ -1,8 +1,9 @@
 """ADFA-LD with the risk model's language-model head: anomaly scores of system-call traces.
 
 The model is trained on Training_Data_Master alone (LM loss only); a trace's anomaly score is
-built from its per-call surprise (negative log-likelihood of each call given the ones before
-it). STIDE runs on the same traces in the same run, so the two are compared side by side.
+built from the model's view of it (`Scorer`): how much more surprising its calls were than the
+model expected, and how far its pooled hidden state lies from those of the training programs.
+Plain mean NLL is reported beside it, and STIDE runs on the same traces in the same run.
 
     sandhop adfa score --checkpoint RUN_DIR --data PATH --out scores.csv
 """
@@ -10,52 +11,91 @@ it). STIDE runs on the same traces in the same run, so the two are compared side
 from __future__ import annotations
 
 import csv
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sandhop.agents.features import Encoded
 from sandhop.agents.risk_model import RiskModel
 
 
-def trace_scores(model: RiskModel, enc: Encoded, cap: float | None = None) -> np.ndarray:
-    """Mean per-call surprise of each trace (the first call has no prediction and is skipped);
-    with `cap`, each call's surprise is clipped at it first (one never-seen call id must not
-    outweigh a whole trace that is ordinary)."""
-    from sandhop.agents.train_risk import score_episodes
-    outputs = score_episodes(model, enc.features)
-    scores = []
-    for o in outputs:
-        s = o["surprise"][1:]
-        if cap is not None:
-            s = np.minimum(s, cap)
-        scores.append(float(s.mean()) if len(s) else 0.0)
-    return np.asarray(scores)
+@dataclass
+class Scorer:
+    """A trace's anomaly score from the language model, two parts on one scale:
+    - `surprise`: mean over calls of (NLL - entropy of the prediction): how much more surprising
+      each call was than the model expected any call there to be (a call in a part of a program
+      the model finds hard to predict costs less than the same NLL where it was confident);
+    - `novelty`: log Mahalanobis distance of the trace's mean final hidden state from those of
+      the training traces (is this program like any the model was trained on).
+    Each is standardised by its mean and spread over held-out *training* traces, then summed
+    (`mode="surprise"` uses the first alone). Fitted on normal data only; stored as JSON."""
 
+    mean: list[float]
+    precision: list[list[float]]
+    z: dict[str, list[float]]
+    mode: str = "surprise+novelty"
 
-def fit_cap(model: RiskModel, enc: Encoded, quantile: float) -> float:
-    """The per-call surprise at `quantile` over held-out *training* traces."""
-    from sandhop.agents.train_risk import score_episodes
-    values = np.concatenate([o["surprise"][1:] for o in score_episodes(model, enc.features)])
-    return float(np.quantile(values, quantile))
+    @staticmethod
+    def parts(outputs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        surprise = np.array([float(np.mean(o["surprise"][1:] - o["entropy"][1:])) if len(o["surprise"]) > 1 else 0.0
+                             for o in outputs])
+        pooled = np.stack([o["hidden"].mean(axis=0) for o in outputs])
+        return surprise, pooled
+
+    @classmethod
+    def fit(cls, train: list[dict], held_out: list[dict], shrink: float = 1e-3, mode: str = "surprise+novelty") -> "Scorer":
+        _, pooled = cls.parts(train)
+        mean = pooled.mean(axis=0)
+        cov = np.cov((pooled - mean).T)
+        cov = cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov))  # shrinkage keeps it invertible
+        scorer = cls(mean.tolist(), np.linalg.inv(cov).tolist(), {}, mode)
+        surprise, novelty = scorer.raw(held_out)
+        scorer.z = {"surprise": [float(surprise.mean()), float(surprise.std() or 1.0)],
+                    "novelty": [float(novelty.mean()), float(novelty.std() or 1.0)]}
+        return scorer
+
+    def raw(self, outputs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        surprise, pooled = self.parts(outputs)
+        d = pooled - np.asarray(self.mean)
+        novelty = np.log(np.einsum("ij,jk,ik->i", d, np.asarray(self.precision), d) + 1e-12)
+        return surprise, novelty
+
+    def __call__(self, outputs: list[dict]) -> np.ndarray:
+        surprise, novelty = self.raw(outputs)
+        (ms, ss), (mn, sn) = self.z["surprise"], self.z["novelty"]
+        score = (surprise - ms) / ss
+        if self.mode == "surprise+novelty":
+            score = score + (novelty - mn) / sn
+        return score
 
 
 def evaluate_adfa(model: RiskModel, data: dict, cfg: Any, out: Path) -> dict:
+    """Fit the scorer on the training traces (held-out ones for the scale), score validation and
+    attack traces, evaluate beside STIDE; the scorer goes to `adfa_scorer.json`."""
+    from sandhop.agents.train_risk import score_episodes
     from sandhop.datasets.adfa import evaluate, run_stide
-    quantile = cfg.dataset.get("cap_quantile")
-    cap = fit_cap(model, data["val"], float(quantile)) if quantile is not None else None
-    normal = trace_scores(model, data["normal"], cap)
-    attack = trace_scores(model, data["attack"], cap)
-    lm = evaluate(normal, attack)
-    families = sorted(set(data["attack"].attack))
-    lm["roc_auc_by_family"] = {f: evaluate(normal, attack[np.array(data["attack"].attack) == f])["roc_auc"]
-                               for f in families}
-    lm["cap"] = cap
-    stide = run_stide(data["_traces"], int(cfg.dataset.get("stide_n", 6)))
+    outputs = {name: score_episodes(model, data[name].features) for name in ("train", "val", "normal", "attack")}
+    scorer = Scorer.fit(outputs["train"], outputs["val"], mode=str(cfg.dataset.get("score", "surprise+novelty")))
+    (out / "adfa_scorer.json").write_text(json.dumps(asdict(scorer)))
+    normal, attack = scorer(outputs["normal"]), scorer(outputs["attack"])
+    result = {}
+    for name, (n, a) in {"lm": (normal, attack),
+                         "lm_surprise_only": (Scorer.parts(outputs["normal"])[0], Scorer.parts(outputs["attack"])[0]),
+                         "lm_mean_nll": (_mean_nll(outputs["normal"]), _mean_nll(outputs["attack"]))}.items():
+        r = evaluate(n, a)
+        families = np.array(data["attack"].attack)
+        r["roc_auc_by_family"] = {f: evaluate(n, a[families == f])["roc_auc"] for f in sorted(set(families))}
+        result[name] = r
+    result["stide"] = run_stide(data["_traces"], int(cfg.dataset.get("stide_n", 6)))
     write_scores(out / "adfa_scores.csv", [k[2] for k in data["normal"].keys] + [k[2] for k in data["attack"].keys],
                  np.concatenate([normal, attack]))
-    return {"adfa_ld": {"lm": lm, "stide": stide}}
+    return {"adfa_ld": result}
+
+
+def _mean_nll(outputs: list[dict]) -> np.ndarray:
+    return np.array([float(o["surprise"][1:].mean()) if len(o["surprise"]) > 1 else 0.0 for o in outputs])
 
 
 def write_scores(path: Path, files: list[str], scores: np.ndarray) -> None:
@@ -68,19 +108,20 @@ def write_scores(path: Path, files: list[str], scores: np.ndarray) -> None:
 
 def score_folder(run_dir: str | Path, data: str | Path, out: str | Path) -> int:
     """Score every trace of an ADFA-LD-layout folder or zip with a trained run: `file,score`."""
-    from sandhop.agents.train_risk import TrainError, adfa_episodes, load_run
+    from sandhop.agents.train_risk import TrainError, adfa_episodes, load_run, score_episodes
     from sandhop.datasets.adfa import load_adfa
     model, spec, cfg = load_run(run_dir)
     if cfg.dataset.get("kind") != "adfa_ld":
         raise TrainError(f"{run_dir} was trained on {cfg.dataset.get('name')!r}, not ADFA-LD; train with "
                          "experiment=adfa_ld")
+    path = Path(run_dir) / "adfa_scorer.json"
+    try:
+        scorer = Scorer(**json.loads(path.read_text()))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError) as exc:
+        raise TrainError(f"{path}: missing or unreadable ({exc}); it is written when the run finishes: "
+                         f"run sandhop-train-risk out={run_dir} again to finish it") from None
     traces = load_adfa(data)
     enc, _ = adfa_episodes(traces, spec)
-    import json
-    evaluation = Path(run_dir) / "evaluation.json"
-    cap = None
-    if evaluation.exists():
-        cap = json.loads(evaluation.read_text()).get("adfa_ld", {}).get("lm", {}).get("cap")
-    scores = trace_scores(model, enc, cap)
+    scores = scorer(score_episodes(model, enc.features))
     write_scores(Path(out), [f"{t.split}/{t.run + '/' if t.run else ''}{t.name}" for t in traces], scores)
     return len(traces)

@@ -199,6 +199,17 @@ def next_event_nll(out: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     return jnp.pad(total, ((0, 0), (1, 0)))
 
 
+def next_event_entropy(out: dict[str, jax.Array]) -> jax.Array:
+    """Entropy of the prediction each event t >= 1 was scored under (made at t - 1): [B, T].
+    Surprise minus entropy is how much more surprising an event was than the model expected
+    anything there to be."""
+    def entropy(logits):
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    total = entropy(out["lm_category"]) + entropy(out["lm_op"]) + entropy(out["lm_class"])
+    return jnp.pad(total, ((0, 0), (1, 0)))
+
+
 def losses(out: dict[str, jax.Array], x: jax.Array, malicious: jax.Array, tags: jax.Array,
            weights: dict[str, float], *, valid: jax.Array | None = None,
            predicted: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:

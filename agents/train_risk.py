@@ -29,8 +29,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sandhop.agents.features import Encoded, FeatureError, FeatureSpec, encode_episodes, fit_spec
-from sandhop.agents.risk_model import ModelConfig, RiskModel, losses, next_event_nll
+from sandhop.agents.features import UNK, Encoded, FeatureError, FeatureSpec, encode_episodes, fit_spec
+from sandhop.agents.risk_model import ModelConfig, RiskModel, losses, next_event_entropy, next_event_nll
 
 
 class TrainError(ValueError):
@@ -102,8 +102,16 @@ def attention_mask(segment: jax.Array, context: int) -> jax.Array:
     return band[None] & same
 
 
-def packed_losses(model: RiskModel, batch: dict, weights: dict, key: jax.Array | None = None):
-    out = model(batch["x"], attention_mask(batch["segment"], model.cfg.context), key=key)
+def packed_losses(model: RiskModel, batch: dict, weights: dict, key: jax.Array | None = None,
+                  unk_rate: float = 0.0):
+    x = batch["x"]
+    if key is not None and unk_rate > 0:
+        # some input ops become "unknown", so the model has seen unknown ops and learns to expect
+        # anything after one (targets stay the real ops)
+        key, sub = jax.random.split(key)
+        hide = jax.random.bernoulli(sub, unk_rate, x.shape[:2]) & (x[..., 1] > UNK)
+        x = x.at[..., 1].set(jnp.where(hide, UNK, x[..., 1]))
+    out = model(x, attention_mask(batch["segment"], model.cfg.context), key=key)
     seg = batch["segment"]
     valid = seg > 0
     # an episode's first event in a row has no prediction before it: no LM target there
@@ -116,8 +124,8 @@ def packed_losses(model: RiskModel, batch: dict, weights: dict, key: jax.Array |
 def score_episodes(model: RiskModel, features: list[np.ndarray], batch: int = 64,
                    seq_len: int | None = None) -> list[dict[str, np.ndarray]]:
     """Per-event outputs of whole episodes, exactly as the incremental path would give them:
-    `risk` (logit), `surprise` (next-event NLL; 0 for the first event), `tags` (probabilities),
-    `hidden` (final hidden state). Long episodes run as overlapping windows; a window's output
+    `risk` (logit), `surprise` (next-event NLL; 0 for the first event), `entropy` (of the
+    prediction that event was scored under), `tags` (probabilities), `hidden` (final hidden state). Long episodes run as overlapping windows; a window's output
     is kept only where the position's whole receptive field (`layers * (context - 1)` events
     back: each layer looks `context - 1` further), and the one before it, lie inside the window."""
     # +1: an event's surprise comes from the prediction one position before it
@@ -140,9 +148,10 @@ def score_episodes(model: RiskModel, features: list[np.ndarray], batch: int = 64
         m = nnx.merge(graphdef, state)
         out = m(x)
         return {"risk": out["risk"], "surprise": next_event_nll(out, x),
-                "tags": jax.nn.sigmoid(out["tags"]), "hidden": out["hidden"]}
+                "tags": jax.nn.sigmoid(out["tags"]), "hidden": out["hidden"], "entropy": next_event_entropy(out)}
 
-    results: list[dict[str, list]] = [{"risk": [], "surprise": [], "tags": [], "hidden": []} for _ in features]
+    results: list[dict[str, list]] = [{"risk": [], "surprise": [], "tags": [], "hidden": [], "entropy": []}
+                                      for _ in features]
     order = sorted(range(len(pieces)), key=lambda i: len(pieces[i][3]))
     width = features[0].shape[1] if features else 0
     for b in range(0, len(order), batch):
@@ -197,10 +206,11 @@ class Trainer:
             (out / "checkpoints").resolve(),
             options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
         weights = dict(train_cfg.loss_weights)
+        unk_rate = float(train_cfg.get("unk_rate", 0.0))
         graphdef = self.graphdef
 
         def loss_fn(params, rest, batch, key):
-            return packed_losses(nnx.merge(graphdef, params, rest), batch, weights, key)
+            return packed_losses(nnx.merge(graphdef, params, rest), batch, weights, key, unk_rate)
 
         @jax.jit
         def train_step(params, rest, opt_state, batch, key):
