@@ -81,13 +81,16 @@ def flagged_before_damage(enc: Encoded, probs: list[np.ndarray], threshold: floa
     return early / len(attacked)
 
 
-def evaluate_split(enc: Encoded, outputs: list[dict], calibrator: Calibrator, threshold: float) -> dict:
+def episode_probs(enc: Encoded, outputs: list[dict], calibrator: Calibrator) -> tuple[dict, np.ndarray, list[np.ndarray]]:
+    """(flat columns, calibrated risk of every event, the same split per episode)."""
     flat = flatten(enc, outputs)
     prob = calibrator(flat["risk"], flat["surprise"])
-    probs, at = [], 0
-    for o in outputs:
-        probs.append(prob[at:at + len(o["risk"])])
-        at += len(o["risk"])
+    bounds = np.cumsum([len(o["risk"]) for o in outputs])[:-1]
+    return flat, prob, np.split(prob, bounds)
+
+
+def evaluate_split(enc: Encoded, outputs: list[dict], calibrator: Calibrator, threshold: float) -> dict:
+    flat, prob, probs = episode_probs(enc, outputs, calibrator)
     per_test, attacked = test_scores(enc, probs)
     result = {"episodes": len(enc), "attacked_tests": int(attacked.sum()), "events": int(len(prob)),
               "malicious_events": int(flat["malicious"].sum())}

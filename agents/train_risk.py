@@ -433,7 +433,8 @@ def run(cfg: Any) -> dict:
     trainer = Trainer(out, spec, model_cfg, cfg.train, total, int(cfg.seed))
     if trainer.restore():
         print(f"sandhop-train-risk: resuming {out} at step {trainer.step} (epoch {trainer.epoch})")
-    bar = _bar(total, trainer.step, bool(cfg.progress))
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=trainer.step, desc="training risk model", unit="step", disable=not cfg.progress)
     started = timer()
     stop_after = cfg.train.get("stop_after_steps")
     try:
@@ -445,8 +446,7 @@ def run(cfg: Any) -> dict:
             write_metrics_row(out / "metrics.csv", {"epoch": trainer.epoch, "step": trainer.step,
                                                     "seconds": round(timer() - started, 2), **row})
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     model = trainer.current_model()
     if not cfg.get("evaluate", True):
         return {"step": trainer.step, "epoch": trainer.epoch}
@@ -464,14 +464,7 @@ def evaluate_traces(model: RiskModel, data: dict[str, Encoded], out: Path) -> di
     from sandhop.agents import evaluate_risk as ev
     outputs = {name: score_episodes(model, enc.features) for name, enc in data.items() if name != "train"}
     calibrator = ev.fit_calibrator(data["val"], outputs["val"])
-    val_probs = []
-    flat = ev.flatten(data["val"], outputs["val"])
-    prob = calibrator(flat["risk"], flat["surprise"])
-    at = 0
-    for o in outputs["val"]:
-        val_probs.append(prob[at:at + len(o["risk"])])
-        at += len(o["risk"])
-    per_test, attacked = ev.test_scores(data["val"], val_probs)
+    per_test, attacked = ev.test_scores(data["val"], ev.episode_probs(data["val"], outputs["val"], calibrator)[2])
     threshold = ev.threshold_at_fpr(per_test[~attacked], 0.01)
     results = {name: ev.evaluate_split(enc, outputs[name], calibrator, threshold)
                for name, enc in data.items() if name != "train"}
@@ -499,13 +492,6 @@ def load_run(run_dir: str | Path) -> tuple[RiskModel, FeatureSpec, Any]:
     if not trainer.restore():
         raise TrainError(f"{run_dir} has no checkpoint yet; train first (sandhop-train-risk out={run_dir})")
     return trainer.current_model(), spec, cfg
-
-
-def _bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc="training risk model", unit="step")
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from tqdm import tqdm
 
 from sandhop import __version__
 from sandhop.datasets import scenarios as lib
@@ -310,7 +311,7 @@ def inject_dir(traces: str | Path, out: str | Path, config: InjectConfig, *,
     table = read_traces(traces, suites=suites)
     results, summary = inject(table, config)
     files = []
-    for suite, run_id, labelled in _progress(results, progress, "writing runs"):
+    for suite, run_id, labelled in tqdm(results, desc="writing runs", unit="run", leave=False, disable=not progress):
         path = write_trace(labelled, out, suite=suite, run_id=run_id,
                            run_info={"injected": True, "seed": config.seed})
         files.append(str(path.relative_to(out)))
@@ -329,16 +330,6 @@ def library_fingerprint() -> str:
     """Changes whenever a scenario or a variation pool changes (cached datasets are rebuilt)."""
     text = repr((lib.SCENARIOS, sorted(lib.POOLS.items())))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _progress(items, enabled: bool, what: str):
-    if not enabled:
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=what, unit="run", leave=False)
 
 
 def parse_mix(text: str | None) -> dict[str, float]:

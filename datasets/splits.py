@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from tqdm import tqdm
 
 from sandhop import __version__
 from sandhop.datasets import scenarios as lib
@@ -208,7 +209,7 @@ def build(cfg: SplitConfig | Any, root: str | Path | None = None, *, force: bool
                     "config": cfg.as_dict(), "scenario_library": library_fingerprint(),
                     "traces": str(traces), "sources": _sources(traces), "splits": {}}
         steps = list(layout.items())
-        bar = _bar(len(steps), progress, f"building dataset {cfg.name}")
+        bar = tqdm(total=len(steps), desc=f"building dataset {cfg.name}", unit="split", disable=not progress)
         for index, (split, spec) in enumerate(steps):
             part = table.filter(pc.is_in(table["suite"], pa.array(spec["suites"])))
             part = _subsample(part, cfg.max_units_per_suite, cfg.seed)
@@ -222,10 +223,8 @@ def build(cfg: SplitConfig | Any, root: str | Path | None = None, *, force: bool
                 write_trace(labelled, tmp / split, suite=suite, run_id=run_id,
                             run_info={"split": split, "dataset": cfg.name, "key": k})
             manifest["splits"][split] = _split_stats(spec, runs, summary)
-            if bar:
-                bar.update(1)
-        if bar:
-            bar.close()
+            bar.update(1)
+        bar.close()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if root.exists():
             shutil.rmtree(root)
@@ -268,16 +267,6 @@ def _split_stats(spec: dict, runs: list, summary: InjectSummary) -> dict:
             "hard_negative_units": summary.hard_negative_units, "events": events,
             "malicious_events": summary.malicious_events, "by_scenario": summary.as_dict()["by_scenario"],
             "by_phase": summary.as_dict()["by_phase"]}
-
-
-def _bar(total: int, enabled: bool, what: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=what, unit="split")
 
 
 # --------------------------------------------------------------------------- reading
@@ -335,13 +324,8 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "bui
 
 
 def available() -> list[str]:
-    folder = Path(__file__).resolve().parents[1] / "configs" / "dataset"
-    try:
-        import sandhop.configs as configs
-        folder = Path(configs.__file__).parent / "dataset"
-    except ImportError:
-        pass
-    return sorted(p.stem for p in folder.glob("*.yaml"))
+    import sandhop.configs as configs
+    return sorted(p.stem for p in (Path(configs.__file__).parent / "dataset").glob("*.yaml"))
 
 
 def format_stats(manifest: dict) -> str:

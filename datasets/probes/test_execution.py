@@ -5,7 +5,7 @@ then checks."""
 import ctypes
 import http.client
 import os
-import pickle
+import pickle  # the attack under test: loading an untrusted pickle runs its reduce step
 import socket
 import subprocess
 
