@@ -23,6 +23,7 @@ from sandhop.enforcement.policy import (TIERS_DIR, Policy, PolicyError, Rule, ex
 TIERS: tuple[str, ...] = ("observe", "low", "medium", "high", "lockdown")
 TIER_LEVEL: dict[str, int] = {t: i for i, t in enumerate(TIERS)}
 _PRECEDENCE = ("deny", "redirect", "allow")
+_KNOWN_CATEGORIES = frozenset(ev.CATEGORIES)
 
 
 class HopError(ValueError):
@@ -109,7 +110,9 @@ class PolicyEngine:
         self.policies: dict[str, Policy] = {}
         self.levels: dict[str, int] = dict(TIER_LEVEL)
         self._tiers_dir = tiers_dir
-        self._compiled: dict[tuple, dict[str, tuple]] = {}
+        self._compiled: dict[tuple, dict[str, tuple]] = {}  # config key -> category -> (ordered, default)
+        self._tier_parts: dict[tuple, tuple] = {}        # (tier, category) -> (rules by effect, default)
+        self._runtime_rules: dict[tuple, Rule] = {}      # (grant/revocation text, position, effect) -> Rule
         self._cache: dict[tuple, Decision] = {}
         self._loading: dict[str, None] = {}
         self.cache_size = cache_size
@@ -155,7 +158,10 @@ class PolicyEngine:
         name = tier_or_file if tier_or_file in TIERS else self.load_file(tier_or_file).name
         cfg = SandboxConfig(tier=name, grants=tuple(grants), revocations=tuple(revocations),
                             level=self.levels[name])
-        self._rules_for(cfg)  # raise on a bad grant now, not at the first event
+        for effect, texts in (("allow", cfg.grants), ("deny", cfg.revocations)):
+            for i, text in enumerate(texts, 1):
+                self._runtime_rule(text, i, effect)  # raise on a bad grant now, not at the first event
+        self._tier_part(name, ev.CATEGORIES[0])
         return cfg
 
     def hop(self, config: SandboxConfig, tier_or_file: str) -> SandboxConfig:
@@ -163,33 +169,63 @@ class PolicyEngine:
         return config.hop_to(name, self.levels[name])
 
     # ----------------------------------------------------------------- compiling
-    def _rules_for(self, config: SandboxConfig) -> dict[str, tuple]:
-        compiled = self._compiled.get(config.key)
-        if compiled is not None:
-            return compiled
-        if config.tier not in self.policies:
-            self._resolve(config.tier)
-        policy = self.policies[config.tier]
-        rules: list[Rule] = list(policy.rules)
-        for i, text in enumerate(config.grants, 1):
-            rules.append(parse_rule(text, roots=self.roots, source=f"grant {text!r}", rule_id=f"grant:{i}", effect="allow"))
-        for i, text in enumerate(config.revocations, 1):
-            rules.append(parse_rule(text, roots=self.roots, source=f"revocation {text!r}", rule_id=f"revoke:{i}", effect="deny"))
-        compiled = {}
-        for category in ev.CATEGORIES:
-            ordered = []
-            for effect in _PRECEDENCE:
-                for rule in rules:
-                    if rule.effect == effect and category in rule.categories:
-                        # The decision a rule makes is fixed: build it once, not per event.
-                        decision = Decision(rule.effect, rule.rule_id, f"{rule.effect} by `{rule.text}` "
-                                            f"({rule.rule_id})", rule.redirect_to, rule.text)
-                        ordered.append((specialise(rule, category), decision))
+    def _tier_part(self, tier: str, category: str) -> tuple[dict[str, tuple], Decision]:
+        """A tier's own (matcher, decision) pairs for one category, by effect, and its default."""
+        key = (tier, category)
+        part = self._tier_parts.get(key)
+        if part is None:
+            if tier not in self.policies:
+                self._resolve(tier)
+            policy = self.policies[tier]
+            by_effect = {e: tuple(self._compiled_rule(r, category) for r in policy.rules
+                                  if r.effect == e and category in r.categories) for e in _PRECEDENCE}
             short = _short(policy.name)
             default = Decision(policy.default, f"{short}:default", f"no rule of {short} matches this "
                                f"{category}; its default is {policy.default}")
-            compiled[category] = (tuple(ordered), default)
-        self._compiled[config.key] = compiled
+            part = self._tier_parts[key] = (by_effect, default)
+        return part
+
+    @staticmethod
+    def _compiled_rule(rule: Rule, category: str) -> tuple:
+        # The decision a rule makes is fixed: build it once, not per event.
+        return (specialise(rule, category), Decision(rule.effect, rule.rule_id, f"{rule.effect} by "
+                                                     f"`{rule.text}` ({rule.rule_id})", rule.redirect_to, rule.text))
+
+    def _runtime_rule(self, text: str, i: int, effect: str) -> Rule:
+        """A grant (allow) or revocation (deny) of a config, parsed once per (text, position)."""
+        key = (text, i, effect)
+        rule = self._runtime_rules.get(key)
+        if rule is None:
+            kind, prefix = ("grant", "grant") if effect == "allow" else ("revocation", "revoke")
+            rule = parse_rule(text, roots=self.roots, source=f"{kind} {text!r}", rule_id=f"{prefix}:{i}",
+                              effect=effect)
+            if len(self._runtime_rules) >= self.cache_size:
+                self._runtime_rules.clear()
+            self._runtime_rules[key] = rule
+        return rule
+
+    def _rules_for(self, config: SandboxConfig, category: str) -> tuple[tuple, Decision]:
+        """The ordered (matcher, decision) pairs of one config for one category: by precedence,
+        the tier's rules before the config's revocations (deny) and grants (allow). Compiled on
+        first use per (config, category): an agent that hops and grants makes many configs."""
+        per_config = self._compiled.get(config.key)
+        if per_config is None:
+            if len(self._compiled) >= self.cache_size:
+                self._compiled.clear()
+            per_config = self._compiled[config.key] = {}
+        compiled = per_config.get(category)
+        if compiled is not None:
+            return compiled
+        by_effect, default = self._tier_part(config.tier, category)
+        extra = {"allow": config.grants, "deny": config.revocations}
+        ordered: list = []
+        for effect in _PRECEDENCE:
+            ordered.extend(by_effect[effect])
+            for i, text in enumerate(extra.get(effect, ()), 1):
+                rule = self._runtime_rule(text, i, effect)
+                if category in rule.categories:
+                    ordered.append(self._compiled_rule(rule, category))
+        compiled = per_config[category] = (tuple(ordered), default)
         return compiled
 
     # ----------------------------------------------------------------- deciding
@@ -208,10 +244,9 @@ class PolicyEngine:
         return decision
 
     def _decide_cold(self, category: str, target: str, target_class: str, config: SandboxConfig) -> Decision:
-        try:
-            ordered, default = self._rules_for(config)[category]
-        except KeyError:
+        if category not in _KNOWN_CATEGORIES:
             return Decision("deny", "engine:unknown-category", f"unknown category {category!r}: denied (fail closed)")
+        ordered, default = self._rules_for(config, category)
         for match, decision in ordered:
             if match(target, target_class):
                 return decision
