@@ -196,6 +196,12 @@ class Tracer:
         if self.gate is not None:
             self.gate(category, op, target, detail, cls)
 
+    def spool(self, category: str, op: str, target: str, detail: str, cls: str) -> None:
+        """Record an event seen outside the audit hook (a browser request, a DOM change) in this
+        test's trace, without the guard's gate (its caller decides)."""
+        if self.spool_dir:
+            self._spool(category, op, target, detail, cls)
+
     def _spool(self, category: str, op: str, target: str, detail: str, cls: str) -> None:
         with self._lock:
             self._lseq += 1
