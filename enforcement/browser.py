@@ -6,9 +6,10 @@ test's config: allowed requests go out, denied ones are aborted, redirected ones
 from a local stub. What is covered:
 
 - `context.route`, so every page of the context (popups' first requests included) is covered;
-- every hop of a redirect chain: the guard fetches the chain itself one hop at a time
-  (`max_redirects=0`) and decides each hop before it is requested, then fulfils the request with
-  the final response (so a redirected navigation keeps its first URL as the page URL);
+- every hop of a redirect chain: Chromium follows redirects without asking the routes again, so
+  the browser sandhop launches sends all its traffic through an egress proxy the guard runs on
+  loopback in the test process: a request the routes already decided passes, anything else
+  (each redirect hop, whatever else bypassed the routes) is decided there before it is sent;
 - WebSockets (`context.route_web_socket`): the handshake URL is decided; denied sockets close;
 - service workers are blocked (`service_workers="block"` on every context the fixtures make),
   so no request escapes the context's routes through a worker.
@@ -27,8 +28,9 @@ denials fail the test out of band and reach the audit log). Without either, a co
 
 Pytest fixtures (this module is a pytest plugin): `sandhop_browser` (Debian's Chromium, launched
 once per session with a fresh profile and background networking disabled), `sandhop_context`
-and `sandhop_page` (guarded, per test). Override `sandhop_host_rules` (a Chromium
-`--host-resolver-rules` string) to map test host names to loopback. Playwright contexts made
+and `sandhop_page` (guarded, per test). Override `sandhop_host_rules` (`MAP name address`
+entries, comma separated, in Chromium's `--host-resolver-rules` syntax; the egress proxy applies
+them) to map test host names to loopback. Playwright contexts made
 any other way (pytest-playwright's `context`/`page` fixtures included) are guarded too while a
 sandhop guard or recorder is active: `Browser.new_context` is wrapped to attach the guard.
 """
@@ -41,8 +43,11 @@ import shutil
 import threading
 from pathlib import Path
 from typing import Any
+import select
+import socketserver
+from collections import Counter
 from fnmatch import fnmatchcase
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit
 
 import pytest
 
@@ -54,12 +59,16 @@ CHROMIUM_ARGS = ("--disable-background-networking", "--disable-component-update"
                  "--disable-default-apps", "--no-first-run", "--no-default-browser-check",
                  "--disable-client-side-phishing-detection", "--disable-domain-reliability",
                  "--metrics-recording-only",
-                 # Local Network Access checks would refuse a fulfilled page's loopback connections (it
-                 # has no address space); the engine decides every request instead.
-                 "--disable-features=OptimizationHints,MediaRouter,Translate,LocalNetworkAccessChecks,"
-                 "BlockInsecurePrivateNetworkRequests")
-MAX_HOPS = 20
-_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+                 # One --disable-features switch replaces Playwright's own list, so it is repeated here
+                 # (what stops Chromium's own start-up traffic: network time, search preconnects, hints)
+                 # plus the Local Network Access checks, which would refuse a routed page's loopback
+                 # connections; the engine decides every request instead.
+                 "--disable-features=" + ",".join((
+                     "AvoidUnnecessaryBeforeUnloadCheckSync", "DestroyProfileOnBrowserClose", "HttpsUpgrades",
+                     "HttpsFirstBalancedModeAutoEnable", "LensOverlay", "MediaRouter", "PaintHolding",
+                     "ThirdPartyStoragePartitioning", "AvoidCorsURLLoaderRestartOnRedirect", "OptimizationHints",
+                     "NetworkTimeServiceQuerying", "AimEnabled", "PreconnectToSearch", "Translate",
+                     "LocalNetworkAccessChecks", "BlockInsecurePrivateNetworkRequests")))
 
 DOM_OBSERVER = r"""
 (() => {
@@ -136,13 +145,13 @@ class BrowserGuard:
     """Decides and records what guarded Playwright contexts do (see the module docstring)."""
 
     def __init__(self, *, tracer=None, guard=None, engine: PolicyEngine | None = None,
-                 config: SandboxConfig | None = None, host_rules: str = "") -> None:
+                 config: SandboxConfig | None = None, proxy: "EgressProxy | None" = None) -> None:
         from sandhop.enforcement import tracer as tracing
         self.tracer = tracer if tracer is not None else tracing.active()
         self.guard = guard if guard is not None else getattr(getattr(self.tracer, "gate", None), "__self__", None)
         self.engine = engine or (self.guard.engine if self.guard is not None else None)
         self._config = config
-        self.host_map = parse_host_rules(host_rules)
+        self.proxy = proxy
         self.decisions: list[dict] = []   # (category, target, effect) of this guard's contexts, in order
         self._lock = threading.Lock()
 
@@ -157,14 +166,16 @@ class BrowserGuard:
         return self._config
 
     # ------------------------------------------------------------------ deciding
-    def decide(self, category: str, op: str, target: str, detail: str) -> Decision:
-        """Record one event and decide it (allow when nothing guards this process)."""
+    def decide(self, category: str, op: str, target: str, detail: str, *, attribute: bool = True) -> Decision:
+        """Record one event and decide it (allow when nothing guards this process).
+        `attribute=False`: the browser's own traffic, not the test's: a denial refuses it but is
+        no violation of the test (the event is still in the trace)."""
         cls = ev.target_class(category, target, detail)
         if self.tracer is not None and self.tracer.spool_dir:
             self.tracer.spool(category, op, target, detail, cls)
         if self.guard is not None:
             d = self.guard.decide(category, target, cls) if self.guard.enforcing() else _ALLOW
-            if d.effect != "allow":
+            if d.effect != "allow" and attribute:
                 self.guard.record(category, op, target, detail, cls, d)
                 if self.guard.mode == "audit":
                     d = _ALLOW
@@ -208,45 +219,9 @@ class BrowserGuard:
             return route.abort("blockedbyclient")
         if d.effect == "redirect":
             return self._fulfil_stub(route, d)
-        self._follow(route, url, request.method)
-
-    def _follow(self, route, url: str, method: str) -> None:
-        """Fetch the request one hop at a time, deciding each redirect's target before it is
-        requested; fulfil with the final response."""
-        post = route.request.post_data_buffer
-        for _ in range(MAX_HOPS):
-            target, headers = self._mapped(url, route.request.headers)
-            try:
-                response = route.fetch(url=target, method=method, post_data=post, headers=headers, max_redirects=0)
-            except Exception:  # noqa: BLE001 - a failed fetch is a failed request, as without routing
-                return route.abort("failed")
-            location = response.headers.get("location")
-            if response.status not in _REDIRECT_STATUS or not location:
-                return route.fulfill(response=response)
-            nxt = urljoin(url, location)
-            if not nxt.startswith(("http:", "https:")):
-                return route.fulfill(response=response)
-            d = self.decide("browser.request", "GET" if response.status == 303 else method, nxt,
-                            f"{route.request.resource_type} redirect-from {url}")
-            if d.effect == "deny":
-                return route.abort("blockedbyclient")
-            if d.effect == "redirect":
-                return self._fulfil_stub(route, d)
-            if response.status == 303 or (response.status in (301, 302) and method == "POST"):
-                method, post = "GET", None
-            url = nxt
-        route.abort("failed")  # too many redirects
-
-    def _mapped(self, url: str, headers: dict) -> tuple[str, dict]:
-        """The guard fetches from outside the browser: apply the browser's host-resolver MAP
-        rules itself (http only; the Host header keeps the name)."""
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        for pattern, ip in self.host_map:
-            if parts.scheme == "http" and fnmatchcase(host, pattern):
-                netloc = ip + (f":{parts.port}" if parts.port else "")
-                return urlunsplit(parts._replace(netloc=netloc)), {**headers, "host": parts.netloc}
-        return url, headers
+        if self.proxy is not None:
+            self.proxy.predecided(request.method, url)
+        route.continue_()
 
     def _fulfil_stub(self, route, d: Decision) -> None:
         stub = Path(d.redirect_to).expanduser() if d.redirect_to else None
@@ -299,6 +274,215 @@ def _frame_url(request) -> str:
         return ""
 
 
+# --------------------------------------------------------------------------- the egress proxy
+
+class EgressProxy:
+    """The browser's only way out (`--proxy-server`, loopback included): an HTTP proxy on
+    127.0.0.1 in the test process. A request the routes decided (`predecided`) is forwarded; any
+    other (a redirect hop, something that bypassed the routes) is decided here first, with the
+    same guard, and refused when not allowed. HTTPS and WebSockets arrive as CONNECT host:port
+    and are decided as `https://host:port/`. Host names follow `host_rules` (Chromium's
+    `MAP name address` syntax), which Chromium cannot apply itself behind a proxy.
+
+    The proxy is the guard's own machinery: its sockets are raw `_socket` ones, invisible to the
+    audit hook, so they are not decided twice (as net.connect of the test)."""
+
+    def __init__(self, guard: "BrowserGuard", host_rules: str = "") -> None:
+        self.guard = guard
+        self.host_map = parse_host_rules(host_rules)
+        self._predecided: Counter = Counter()
+        self._hops: Counter = Counter()   # redirect targets seen in responses the proxy relayed
+        self.refused: list[str] = []       # the browser's own requests that were not allowed
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def setup(self) -> None:
+                _quiet()
+                super().setup()
+
+            def handle(self) -> None:
+                proxy._handle(self.connection, self.rfile)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        _quiet()
+        try:
+            self.server = Server(("127.0.0.1", 0), Handler)
+        finally:
+            _quiet(False)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        _quiet()
+        self.server.serve_forever()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def predecided(self, method: str, url: str) -> None:
+        """A request the routes decided: let it through once, undecided."""
+        self._expect(self._predecided, method, url)
+
+    def _expect(self, into: Counter, method: str, url: str) -> None:
+        key = ("CONNECT", _authority(url)) if url.startswith("https:") else (method, url)
+        with self._lock:
+            into[key] += 1
+
+    def _take(self, from_: Counter, key: tuple) -> bool:
+        with self._lock:
+            if from_[key] > 0:
+                from_[key] -= 1
+                return True
+        return False
+
+    def _decide(self, method: str, url: str, key: tuple) -> bool:
+        """Whether a request may leave: one the routes decided passes; a redirect hop of one is
+        decided as the test's request; anything else is the browser's own traffic, decided
+        but never the test's violation."""
+        if self._take(self._predecided, key):
+            return True
+        if self._take(self._hops, key):
+            return self.guard.decide("browser.request", method, url, "redirect-hop").effect == "allow"
+        allowed = self.guard.decide("browser.request", method, url, "browser-own", attribute=False).effect == "allow"
+        if not allowed:
+            with self._lock:
+                self.refused.append(f"{method} {url}")
+        return allowed
+
+    def _resolve(self, host: str, port: int) -> tuple[str, int]:
+        for pattern, address in self.host_map:
+            if fnmatchcase(host.lower(), pattern):
+                return address, port
+        return host, port
+
+    def _handle(self, client, rfile) -> None:
+        head = rfile.readline(65537).decode("latin-1")
+        parts = head.split()
+        if len(parts) != 3:
+            return
+        method, target, version = parts
+        headers = []
+        while True:
+            line = rfile.readline(65537).decode("latin-1")
+            if line in ("\r\n", "\n", ""):
+                break
+            headers.append(line.rstrip("\r\n"))
+        if method == "CONNECT":
+            host, _, port = target.rpartition(":")
+            if not self._decide("CONNECT", f"https://{target}/", ("CONNECT", target)):
+                client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                return
+            upstream = self._connect(host.strip("[]"), int(port or 443))
+            if upstream is None:
+                client.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                return
+            client.sendall(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            return _pipe(client, upstream, rfile)
+        if not self._decide(method, target, (method, target)):
+            client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 24\r\n"
+                           b"Connection: close\r\n\r\nsandhop: request denied\n")
+            return
+        u = urlsplit(target)
+        upstream = self._connect(u.hostname or "", u.port or 80)
+        if upstream is None:
+            client.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        keep = [h for h in headers if h.split(":", 1)[0].lower() not in
+                ("proxy-connection", "connection", "keep-alive")]
+        request = f"{method} {path} {version}\r\n" + "".join(h + "\r\n" for h in keep) + "Connection: close\r\n\r\n"
+        upstream.sendall(request.encode("latin-1"))
+        length = next((int(h.split(":", 1)[1]) for h in headers if h.lower().startswith("content-length:")), 0)
+        if length:
+            upstream.sendall(rfile.read(length))
+        head = _response_head(upstream)
+        status, location = _status_and_location(head)
+        if status in (301, 302, 303, 307, 308) and location:
+            # the browser will follow it without asking the routes: expect the hop here
+            nxt = urljoin(target, location)
+            self._expect(self._hops, "GET" if status == 303 or (status in (301, 302) and method == "POST")
+                         else method, nxt)
+        client.sendall(head)
+        _pipe(client, upstream, None)
+
+    def _connect(self, host: str, port: int):
+        import _socket
+        host, port = self._resolve(host, port)
+        try:
+            info = _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM)[0]
+            sock = _socket.socket(info[0], _socket.SOCK_STREAM)
+            sock.settimeout(30)
+            sock.connect(info[4])
+            return sock
+        except OSError:
+            return None
+
+
+def _quiet(on: bool = True) -> None:
+    """Mark this thread as the guard's own: the tracer ignores its operations."""
+    from sandhop.enforcement import tracer as tracing
+    t = tracing.active()
+    if t is not None:
+        t._tls.busy = on
+
+
+def _pipe(client, upstream, rfile) -> None:
+    """Relay bytes both ways until either side closes."""
+    import _socket
+    sockets = [client, upstream]
+    try:
+        if rfile is not None and rfile.peek(1)[:1]:
+            pending = rfile.read1(65536)
+            if pending:
+                upstream.sendall(pending)
+        while True:
+            ready, _, _ = select.select(sockets, [], [], 30)
+            if not ready:
+                return
+            for s in ready:
+                data = s.recv(65536)
+                if not data:
+                    return
+                (upstream if s is client else client).sendall(data)
+    except (OSError, _socket.timeout):
+        return
+    finally:
+        upstream.close()
+
+
+def _response_head(sock) -> bytes:
+    """The status line and headers of a response (and whatever body bytes came with them)."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < 65536:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _status_and_location(head: bytes) -> tuple[int, str]:
+    lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        return 0, ""
+    location = next((line.split(":", 1)[1].strip() for line in lines[1:] if line.lower().startswith("location:")), "")
+    return status, location
+
+
+def _authority(url: str) -> str:
+    u = urlsplit(url)
+    host = u.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{u.port or (443 if u.scheme == 'https' else 80)}"
+
+
 # --------------------------------------------------------------------------- new_context wrapper
 
 _WRAPPED = False
@@ -316,7 +500,7 @@ def guard_new_contexts() -> None:
     def new_context(self, *args, **kwargs):
         kwargs.setdefault("service_workers", "block")
         context = original(self, *args, **kwargs)
-        guard = BrowserGuard(host_rules=getattr(self, "_sandhop_host_rules", ""))
+        guard = BrowserGuard(proxy=getattr(self, "_sandhop_proxy", None))
         if guard.active:
             guard.attach(context)
         return context
@@ -329,7 +513,8 @@ def guard_new_contexts() -> None:
 
 @pytest.fixture(scope="session")
 def sandhop_host_rules() -> str:
-    """Chromium `--host-resolver-rules` for the session (e.g. `MAP api.shop.test 127.0.0.1`)."""
+    """Host mapping for the session's browser (e.g. `MAP api.shop.test 127.0.0.1`), applied by
+    the egress proxy (behind a proxy Chromium resolves nothing itself)."""
     return ""
 
 
@@ -344,22 +529,24 @@ def sandhop_browser(sandhop_host_rules):
         pytest.skip("Chromium not found: install Debian's chromium (apt-get install chromium) or set "
                     "SANDHOP_CHROMIUM to its path")
     guard_new_contexts()
-    args = list(CHROMIUM_ARGS) + ([f"--host-resolver-rules={sandhop_host_rules}"] if sandhop_host_rules else [])
+    proxy = EgressProxy(BrowserGuard(), sandhop_host_rules)
+    args = [*CHROMIUM_ARGS, f"--proxy-server=http://{proxy.address}", "--proxy-bypass-list=<-loopback>"]
     with sync_playwright() as p:
         try:
             browser = p.chromium.launch(executable_path=exe, args=args)
         except Exception as exc:  # noqa: BLE001 - say why the browser could not start
             pytest.skip(f"Chromium at {exe} cannot start here: {str(exc).splitlines()[0]}")
-        browser._sandhop_host_rules = sandhop_host_rules
+        browser._sandhop_proxy = proxy
         yield browser
         browser.close()
+    proxy.close()
 
 
 @pytest.fixture
 def sandhop_context(sandhop_browser):
     context = sandhop_browser.new_context(service_workers="block")
     if not hasattr(context, "_sandhop_guard"):
-        BrowserGuard(host_rules=sandhop_browser._sandhop_host_rules).attach(context)  # nothing sandhop active: decisions allow, DOM still observed
+        BrowserGuard(proxy=sandhop_browser._sandhop_proxy).attach(context)  # nothing sandhop active: decisions allow, DOM still observed
     yield context
     context.close()
 
