@@ -60,6 +60,17 @@ window.shop = {
 };
 """
 
+# path -> (title, body) of the pages that are the same for everyone
+PAGES = {
+    "/": ("home", "<h1>Shop</h1><input id=q placeholder=search><ul id=products></ul><script>shop.render()</script>"),
+    "/login": ("login", "<h1>Log in</h1><form id=login method=post action=/login><input name=user>"
+                        "<input name=password type=password><button id=submit>log in</button></form>"),
+    "/cart": ("cart", "<h1>Cart</h1><p>items: <span id=count>0</span></p><ul id=products></ul>"
+                      "<script>shop.render()</script>"),
+    "/contact": ("contact", "<h1>Contact</h1><form id=contact method=post action=/contact><input name=email>"
+                            "<textarea name=message></textarea><button id=send>send</button></form>"),
+}
+
 
 def make_server(host: str = "127.0.0.1", port: int = 0, *, extra_script: str = "") -> http.server.ThreadingHTTPServer:
     """A started shop server (serving in a daemon thread); `.shutdown()` stops it."""
@@ -137,13 +148,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(404, json.dumps({"error": "no such endpoint"}), "application/json", self._cors())
         if url.path == "/static/app.js":
             return self._send(200, APP_JS, "text/javascript")
-        if url.path == "/":
-            return self._page("home", "<h1>Shop</h1><input id=q placeholder=search><ul id=products></ul>"
-                                      "<script>shop.render()</script>")
-        if url.path == "/login":
-            return self._page("login", "<h1>Log in</h1><form id=login method=post action=/login>"
-                                       "<input name=user><input name=password type=password>"
-                                       "<button id=submit>log in</button></form>")
+        if url.path in PAGES:
+            return self._page(*PAGES[url.path])
         if url.path == "/account":
             user = self._user()
             if user is None:
@@ -151,13 +157,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             token = next(t for t, u in self.server.sessions.items() if u == user)
             return self._page("account", f"<h1 id=welcome>Welcome {html.escape(user)}</h1>"
                                          f"<script>localStorage.setItem('token', {json.dumps(token)})</script>")
-        if url.path == "/cart":
-            return self._page("cart", "<h1>Cart</h1><p>items: <span id=count>0</span></p><ul id=products></ul>"
-                                      "<script>shop.render()</script>")
-        if url.path == "/contact":
-            return self._page("contact", "<h1>Contact</h1><form id=contact method=post action=/contact>"
-                                         "<input name=email><textarea name=message></textarea>"
-                                         "<button id=send>send</button></form>")
         self._page("not found", "<h1>not found</h1>", status=404)
 
     def do_POST(self) -> None:
