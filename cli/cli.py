@@ -12,8 +12,11 @@ from sandhop import __version__
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
-    from sandhop.datasets.record import record
-    result = record(args.suite, Path(args.out), keep=args.keep)
+    from sandhop.datasets.record import record, record_local
+    if args.source:
+        result = record_local(args.suite, Path(args.source), Path(args.out))
+    else:
+        result = record(args.suite, Path(args.out), keep=args.keep)
     row = result.manifest_row
     print(f"{row['suite']}: {row['tests']} tests, {row['events']} events in {row['wall_s']} s -> {result.trace}")
     return 0
@@ -139,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", metavar="NAME==VERSION")
     p.add_argument("--out", required=True, help="trace dataset folder (Parquet, partitioned by suite)")
     p.add_argument("--keep", action="store_true", help="keep the throwaway venv and sources for inspection")
+    p.add_argument("--source", metavar="DIR", help="record a suite already on disk (DIR/tests) with this "
+                   "interpreter instead of downloading it, e.g. the bundled web shop: "
+                   "--source datasets/webshop webshop==1")
     p.set_defaults(func=_cmd_record)
 
     p = sub.add_parser("trace", help="inspect and convert traces")

@@ -17,7 +17,8 @@ from sandhop.datasets.record import read_manifest
 SHORT = {"fs.read": "fs.r", "fs.write": "fs.w", "fs.delete": "fs.d", "fs.meta": "fs.m",
          "net.dns": "dns", "net.connect": "conn", "net.bind": "bind", "net.send": "send",
          "proc.spawn": "spawn", "proc.signal": "sig", "env.read": "env.r", "env.write": "env.w",
-         "code.import": "import", "code.native": "native", "code.exec": "exec", "sys.tamper": "tamper"}
+         "code.import": "import", "code.native": "native", "code.exec": "exec", "sys.tamper": "tamper",
+         "browser.request": "browser", "dom.mutation": "dom"}
 
 
 def render_table(root: Path) -> str:

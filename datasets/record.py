@@ -200,3 +200,22 @@ def record(spec: str, out: Path, *, keep: bool = False, progress=print) -> Recor
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def record_local(spec: str, source: Path, out: Path, *, progress=print) -> RecordResult:
+    """`sandhop record NAME==VERSION --source DIR`: a suite already on disk (its tests under
+    DIR/tests), run with this interpreter, so it needs what it imports installed here (the
+    bundled web shop: sandhop[browser] and Debian's chromium)."""
+    recipe = recipe_for(spec)
+    source = Path(source).resolve()
+    if not (source / "tests").is_dir():
+        raise RecordError(f"{source} has no tests/ folder; --source names a suite's root (its tests in tests/)")
+    recipe = SuiteRecipe(name=recipe.name, version=recipe.version, requirements=(), install_from_source=False)
+    work = Path(tempfile.mkdtemp(prefix=f"sandhop-record-{recipe.name}-"))
+    try:
+        progress(f"running the tests of {source} under the recorder (log: {work / 'record.log'})")
+        result = run_suite(recipe, source, sys.executable, out, work / "record.log", isolated=False)
+        progress(f"wrote {result.trace} and a row of {out / MANIFEST}")
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

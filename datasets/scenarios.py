@@ -58,6 +58,7 @@ class Scenario:
     phases: tuple[str, ...] = ("call",)  # where it may fire; the first is the usual one
     slow: bool = False                   # steps spread across the host test's benign work
     unordered: tuple[tuple[int, ...], ...] = ()  # runs of consecutive steps done in any order
+    browser: bool = False                # happens in a web page: injected only into browser tests
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -122,6 +123,11 @@ POOLS: dict[str, tuple[str, ...]] = {
                       "${home}/.config/google-chrome/Default/Login Data",
                       "${home}/.mozilla/firefox/profile.default/cookies.sqlite"),
     "pickle_file": ("model.pkl", "weights.pt", "cache.pickle", "fixtures.joblib"),
+    # browser: a compromised third-party script in the page under test, and where it sends things
+    "js_path": ("/static/lib.js", "/cdn/analytics.min.js", "/js/jquery-3.7.1.min.js", "/assets/tag.js"),
+    "collect_path": ("/collect", "/c", "/api/v2/events", "/log", "/pixel"),
+    "page": ("http://127.0.0.1:{port}/", "http://127.0.0.1:{port}/account", "http://127.0.0.1:{port}/login",
+             "http://localhost:{port}/checkout"),
 }
 _ROOTS = frozenset({"tmp", "home", "cwd", "site", "stdlib", "python"})
 
@@ -191,6 +197,14 @@ def connect(address: str, tags=(L,), damaging=True, **kw) -> Step:
 
 def spawn(argv: str, tags=(EXEC,), **kw) -> Step:
     return Step("proc.spawn", "subprocess.Popen", argv, tags=tags, **kw)
+
+
+def browser(method: str, url: str, detail: str, tags=(), **kw) -> Step:
+    return Step("browser.request", method, url, detail, tags=tags, **kw)
+
+
+def dom(op: str, target: str, tags=(), **kw) -> Step:
+    return Step("dom.mutation", op, target, '{{"count": 1, "how": "script", "page": "{page}"}}', tags=tags, **kw)
 
 
 def http_post(host_var: str, ip_var: str, port_var: str = "web_port", tags=(L,), **kw) -> tuple[Step, Step]:
@@ -386,6 +400,35 @@ SCENARIOS: tuple[Scenario, ...] = (
         (read("{tmpdir}/{pickle_file}", tags=(), ),
          Step("code.exec", "pickle.find_class", "posix.system", tags=(EXEC,), cls="module"),
          Step("proc.spawn", "os.system", "/usr/bin/sh -c 'id > /dev/null'", tags=(EXEC,), damaging=True)),
+    ),
+    # ---- in the browser: a compromised third-party script in the page under test
+    Scenario(
+        "browser-token-exfil", "browser-exfil",
+        "A script in the page injects an external script from an attacker domain, which reads the "
+        "app's API token from localStorage and POSTs it to the attacker.",
+        "Magecart-style script injection (British Airways 2018, Ticketmaster 2018); polyfill.io CDN "
+        "takeover (June 2024: a widely included script served a malicious payload); ATT&CK T1185, T1539, T1041",
+        (dom("script.external", "http://{attacker_domain}{js_path}", tags=(EXEC,)),
+         browser("GET", "http://{attacker_domain}{js_path}", "script {page}", tags=(EXEC,)),
+         browser("POST", "http://{attacker_domain}{collect_path}", "fetch {page}", tags=(C, L), damaging=True)),
+        unordered=((0, 1),), browser=True,
+    ),
+    Scenario(
+        "form-jacking", "browser-exfil",
+        "A script in the page rewrites the login form's action to an attacker host; the user's "
+        "credentials are posted there on submit.",
+        "Form-jacking (Magecart; Newegg 2018, card skimmers that rewrite or clone checkout forms); ATT&CK T1056.003, T1041",
+        (dom("form.action", "http://{attacker_domain}{collect_path}", tags=(C,)),
+         browser("POST", "http://{attacker_domain}{collect_path}", "document navigation", tags=(C, L),
+                 damaging=True)),
+        browser=True,
+    ),
+    Scenario(
+        "beacon-exfil", "browser-exfil",
+        "A script in the page sends the app's token with navigator.sendBeacon, which outlives the page.",
+        "sendBeacon exfiltration in web skimmers (the beacon survives page unload and is not awaited); ATT&CK T1041, T1567",
+        (browser("POST", "http://{attacker_domain}{collect_path}", "ping {page}", tags=(C, L), damaging=True),),
+        browser=True,
     ),
     # ---- hard negatives: benign, yet each looks like part of an attack
     Scenario(

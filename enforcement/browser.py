@@ -17,8 +17,9 @@ from a local stub. What is covered:
 DOM changes are **observed only**: an init script's MutationObserver reports added external
 scripts, inline scripts, iframes and forms, form-action changes and changed URL or handler
 attributes (src, href, action, formaction, srcdoc, on*) through an exposed binding, summarised
-(one event per distinct change per 50 ms batch, with a count) so a busy page cannot flood the
-trace. They become `dom.mutation` events in the trace; nothing is blocked on their account (the
+(one event per distinct change per 50 ms batch, with a count; changes that can lead to a request,
+such as an external script, an iframe or a form action, are reported at once) so a busy page
+cannot flood the trace. They become `dom.mutation` events in the trace; nothing is blocked on their account (the
 requests they lead to are decided like any other).
 
 Events go through the process's tracer (`--sandhop-record`: the same trace as the test's Python
@@ -76,6 +77,7 @@ DOM_OBSERVER = r"""
   window.__sandhopObserving = true;
   const send = window.__sandhop_dom;
   const pending = new Map();
+  const URGENT = new Set(["script.external", "iframe.add", "form.action", "form.add"]);
   let timer = null;
   const flush = () => {
     timer = null;
@@ -87,7 +89,8 @@ DOM_OBSERVER = r"""
     const key = op + "\u0000" + target + "\u0000" + how;
     const seen = pending.get(key);
     if (seen) { seen.count += 1; } else { pending.set(key, {op, target, how, count: 1}); }
-    if (pending.size >= 200) { flush(); } else if (timer === null) { timer = setTimeout(flush, 50); }
+    // what can lead to a request goes out at once; the rest in 50 ms batches
+    if (URGENT.has(op) || pending.size >= 200) { flush(); } else if (timer === null) { timer = setTimeout(flush, 50); }
   };
   const abs = (u) => { try { return new URL(u, document.baseURI).href; } catch (e) { return String(u); } };
   const how = () => (document.readyState === "loading" ? "parser" : "script");
@@ -168,10 +171,10 @@ class BrowserGuard:
     # ------------------------------------------------------------------ deciding
     def decide(self, category: str, op: str, target: str, detail: str, *, attribute: bool = True) -> Decision:
         """Record one event and decide it (allow when nothing guards this process).
-        `attribute=False`: the browser's own traffic, not the test's: a denial refuses it but is
-        no violation of the test (the event is still in the trace)."""
+        `attribute=False`: the browser's own traffic, not the test's: decided, but neither in the
+        test's trace nor a violation of the test when refused (see `EgressProxy.refused`)."""
         cls = ev.target_class(category, target, detail)
-        if self.tracer is not None and self.tracer.spool_dir:
+        if self.tracer is not None and self.tracer.spool_dir and attribute:
             self.tracer.spool(category, op, target, detail, cls)
         if self.guard is not None:
             d = self.guard.decide(category, target, cls) if self.guard.enforcing() else _ALLOW

@@ -240,3 +240,16 @@ def test_cli_inject_and_its_errors(tmp_path, capsys):
     assert "unknown scenario 'nope'" in capsys.readouterr().err
     assert main(["inject", "--traces", str(tmp_path / "missing"), "--out", str(tmp_path / "q")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_browser_scenarios_go_only_into_tests_that_drive_a_browser():
+    table = read_traces(TRACES, suites=["click==8.5.1", "webshop==1"])
+    out, summary = inject(table, InjectConfig(scenarios="family:browser-exfil", rate=1.0, hard_negative_rate=0.0))
+    injected = pa.concat_tables([t for _, _, t in out]).filter(pc.field("malicious"))
+    suites = set(injected["suite"].to_pylist())
+    assert suites == {"webshop==1"}, suites
+    browser_tests = {t for t, c in zip(table["test_id"].to_pylist(), table["category"].to_pylist())
+                     if c == "browser.request"}
+    assert set(injected["test_id"].to_pylist()) <= browser_tests
+    assert summary.attacked_units == len(browser_tests) and set(summary.by_scenario) <= {
+        "browser-token-exfil", "form-jacking", "beacon-exfil"}

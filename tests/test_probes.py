@@ -166,3 +166,19 @@ def test_sandhop_probes_command_runs_them_all(tmp_path, capsys):
     assert f"{len(probe.PROBES)} passed" in capsys.readouterr().out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["rc"] == 0 and set(report["outcomes"].values()) == {"passed"}
+
+
+@needs_netns
+def test_browser_probes_are_stopped_under_medium():
+    """The three browser attacks, live in Chromium, against the medium tier: every one fails
+    with the engine's denial, and the attacker's listeners receive nothing."""
+    pytest.importorskip("playwright", reason="Playwright not installed (pip install 'sandhop[browser]')")
+    from sandhop.enforcement.browser import find_chromium
+    if find_chromium() is None:
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    ids = [sid for sid, s in sc.BY_ID.items() if s.browser]
+    run = probe.run_probes(pytest_args=["test_browser.py", "--sandhop-policy", "medium"])
+    assert {probe.PROBES[sid].test for sid in ids} == set(run.outcomes)
+    assert set(run.outcomes.values()) == {"failed"}, run.output[-3000:]
+    assert run.output.count("deny     browser.request") >= len(ids)
+    assert not [n for n in run.report["listeners"] if n["kind"].startswith("http")]
