@@ -322,3 +322,29 @@ def test_the_web_shop_suite_passes_under_medium(tmp_path):
     rows = read_traces(tmp_path / "t").select(["category", "target"]).to_pylist()
     assert any(r["category"] == "browser.request" and "api.shop.test" in r["target"] for r in rows)
     assert any(r["category"] == "dom.mutation" for r in rows)
+
+
+def test_a_redirect_rule_fulfils_from_a_local_stub(server, tmp_path):
+    """`redirect browser.request HOST stub`: the page gets an empty answer from the guard, the
+    host never sees the request."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "ads.policy").write_text("extends medium\nredirect browser.request ads.test:* stub\n")
+    (suite / "conftest.py").write_text(INNER_CONFTEST)
+    (suite / "test_ads.py").write_text(textwrap.dedent("""
+        import os
+        PORT = int(os.environ["BROWSER_TEST_PORT"])
+
+        def test_ad_is_stubbed(sandhop_page):
+            sandhop_page.goto(f"http://127.0.0.1:{PORT}/landing")
+            got = sandhop_page.evaluate(
+                f"fetch('http://ads.test:{PORT}/banner.js').then(r => r.status + ':' + r.headers.get('content-length'))")
+            assert got.startswith("204")
+    """))
+    env = {**os.environ, "BROWSER_TEST_PORT": str(server.server_address[1])}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA",
+                           "--sandhop-policy", str(suite / "ads.policy")], cwd=suite, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert "1 passed" in proc.stdout, proc.stdout[-3000:]
+    assert "redirect browser.request http://ads.test" in proc.stdout
+    assert "/banner.js" not in paths(server)

@@ -355,3 +355,17 @@ def test_the_env_config_file_loads_and_round_trips():
     spec = EnvSpec.from_config(None)
     assert spec == EnvSpec() == EnvSpec.from_config(spec.as_dict())  # configs/env/default.yaml = the defaults
     assert spec.n_actions == 1 + N_TIERS + 2 * len(spec.categories) and "syscall" not in spec.categories
+
+
+def test_reward_terms_are_hydra_parameters():
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    GlobalHydra.instance().clear()
+    with initialize_config_module("sandhop.configs", version_base="1.3"):
+        cfg = compose(overrides=["+env=default", "env.reward.hop=0.25", "env.reward.tier_overhead.high=0.5",
+                                 "env.base_tier=medium", "env.risk.source=rules"])
+        typo = compose(overrides=["+env=default", "+env.reward.hopp=1"])
+    spec = EnvSpec.from_config(cfg.env)
+    assert (spec.hop, spec.tier_overhead[TIERS.index("high")], spec.base_tier) == (0.25, 0.5, "medium")
+    with pytest.raises(EnvError, match=r"unknown env setting\(s\) reward.hopp"):
+        EnvSpec.from_config(typo.env)
