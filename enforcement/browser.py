@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 import select
 import socketserver
-from collections import Counter
+from collections import Counter, deque
 from fnmatch import fnmatchcase
 from urllib.parse import urljoin, urlsplit
 
@@ -155,7 +155,8 @@ class BrowserGuard:
         self.engine = engine or (self.guard.engine if self.guard is not None else None)
         self._config = config
         self.proxy = proxy
-        self.decisions: list[dict] = []   # (category, target, effect) of this guard's contexts, in order
+        # what this guard decided and observed, newest last (bounded: a session can be long)
+        self.decisions: deque[dict] = deque(maxlen=10_000)
         self._lock = threading.Lock()
 
     @property
@@ -178,10 +179,11 @@ class BrowserGuard:
             self.tracer.spool(category, op, target, detail, cls)
         if self.guard is not None:
             d = self.guard.decide(category, target, cls) if self.guard.enforcing() else _ALLOW
-            if d.effect != "allow" and attribute:
-                self.guard.record(category, op, target, detail, cls, d)
+            if d.effect != "allow":
+                if attribute:
+                    self.guard.record(category, op, target, detail, cls, d)
                 if self.guard.mode == "audit":
-                    d = _ALLOW
+                    d = _ALLOW  # audit mode records what would be denied and blocks nothing
         elif self.engine is not None and self._config is not None:
             d = self.engine.decide_target(category, target, cls, self._config)
         else:
