@@ -348,3 +348,27 @@ def test_a_redirect_rule_fulfils_from_a_local_stub(server, tmp_path):
     assert "1 passed" in proc.stdout, proc.stdout[-3000:]
     assert "redirect browser.request http://ads.test" in proc.stdout
     assert "/banner.js" not in paths(server)
+
+
+def test_audit_mode_lets_requests_through_and_records_them(server, tmp_path):
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text(INNER_CONFTEST)
+    (suite / "test_audit.py").write_text(textwrap.dedent("""
+        import os
+        PORT = int(os.environ["BROWSER_TEST_PORT"])
+
+        def test_foreign_fetch(sandhop_page):
+            sandhop_page.goto(f"http://127.0.0.1:{PORT}/landing")
+            assert sandhop_page.evaluate(f"fetch('http://evil.test:{PORT}/audited').then(r => r.status)") == 404
+    """))
+    log = tmp_path / "audit.jsonl"
+    env = {**os.environ, "BROWSER_TEST_PORT": str(server.server_address[1])}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--sandhop-policy",
+                           "medium", "--sandhop-mode", "audit", "--sandhop-audit-log", str(log)],
+                          cwd=suite, env=env, capture_output=True, text=True, timeout=600)
+    assert "1 passed" in proc.stdout, proc.stdout[-3000:]
+    assert "/audited" in paths(server)
+    records = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("kind") == "decision"]
+    assert any(r["target"].endswith("/audited") and r["decision"] == "deny" and r["mode"] == "audit"
+               for r in records)
