@@ -269,7 +269,7 @@ def test_denied_requests_never_reach_the_server_and_fail_the_test(inner, server)
         assert path not in paths(server), name
         denied = [d for d in inner["decisions"] if d["test_id"].endswith("::" + name) and d["decision"] == "deny"]
         assert any(path in d["target"] and d["rule"] == "medium:default" for d in denied), (name, denied)
-    assert not {"/x.js", "/sw-loot", "/steal"} & paths(server)
+    assert not {"/x.js", "/sw.js", "/sw-loot", "/steal"} & paths(server)  # the service worker never even loads
     assert all(f":{port}" in d["target"] for d in inner["decisions"] if d["category"] == "browser.request")
 
 
