@@ -89,7 +89,11 @@ def episode_probs(enc: Encoded, outputs: list[dict], calibrator: Calibrator) -> 
     return flat, prob, np.split(prob, bounds)
 
 
-def evaluate_split(enc: Encoded, outputs: list[dict], calibrator: Calibrator, threshold: float) -> dict:
+def evaluate_split(enc: Encoded, outputs: list[dict], calibrator: Calibrator, threshold: float,
+                   event_threshold: float | None = None) -> dict:
+    """Metrics of one split. `threshold`: per-test alert threshold (1 % FPR on val tests);
+    `event_threshold`: per-event threshold (0.1 % FPR on val benign events), at which the
+    fraction of attacks flagged before their damaging step is reported too."""
     flat, prob, probs = episode_probs(enc, outputs, calibrator)
     per_test, attacked = test_scores(enc, probs)
     result = {"episodes": len(enc), "attacked_tests": int(attacked.sum()), "events": int(len(prob)),
@@ -105,6 +109,9 @@ def evaluate_split(enc: Encoded, outputs: list[dict], calibrator: Calibrator, th
                       test_detection_at_5pct_fpr=te["detection_at_5pct_fpr"],
                       test_fpr_at_threshold=float(np.mean(per_test[~attacked] >= threshold)),
                       flagged_before_damage=flagged_before_damage(enc, probs, threshold))
+        if event_threshold is not None:
+            result.update(event_fpr_at_event_threshold=float(np.mean(prob[~labels] >= event_threshold)),
+                          flagged_before_damage_at_event_threshold=flagged_before_damage(enc, probs, event_threshold))
     result.update(tag_macro_f1=tag_macro_f1(enc, outputs), ece=expected_calibration_error(prob, labels))
     result["_curves"] = {"prob": prob, "labels": labels, "per_test": per_test, "attacked": attacked}
     return result

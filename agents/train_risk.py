@@ -464,13 +464,16 @@ def evaluate_traces(model: RiskModel, data: dict[str, Encoded], out: Path) -> di
     from sandhop.agents import evaluate_risk as ev
     outputs = {name: score_episodes(model, enc.features) for name, enc in data.items() if name != "train"}
     calibrator = ev.fit_calibrator(data["val"], outputs["val"])
-    per_test, attacked = ev.test_scores(data["val"], ev.episode_probs(data["val"], outputs["val"], calibrator)[2])
+    flat, prob, probs = ev.episode_probs(data["val"], outputs["val"], calibrator)
+    per_test, attacked = ev.test_scores(data["val"], probs)
     threshold = ev.threshold_at_fpr(per_test[~attacked], 0.01)
-    results = {name: ev.evaluate_split(enc, outputs[name], calibrator, threshold)
+    event_threshold = ev.threshold_at_fpr(prob[flat["malicious"] == 0], 0.001)
+    results = {name: ev.evaluate_split(enc, outputs[name], calibrator, threshold, event_threshold)
                for name, enc in data.items() if name != "train"}
     plots = ev.plot(results, out)
     return {"calibrator": {"a": calibrator.a, "b": calibrator.b, "c": calibrator.c},
             "threshold_at_1pct_val_fpr": threshold,
+            "event_threshold_at_0.1pct_val_fpr": event_threshold,
             "splits": {k: ev.public(v) for k, v in results.items()},
             "plots": [p.name for p in plots]}
 

@@ -173,6 +173,7 @@ def test_training_evaluates_on_held_out_suites_and_novel(tmp_path, cache):
     for split in ("val", "test", "novel"):
         r = result["splits"][split]
         for key in ("event_roc_auc", "test_roc_auc", "test_detection_at_1pct_fpr", "flagged_before_damage",
+                    "flagged_before_damage_at_event_threshold", "event_fpr_at_event_threshold",
                     "tag_macro_f1", "ece"):
             assert key in r and 0.0 <= r[key] <= 1.0, (split, key, r.get(key))
     assert (out / "roc.png").stat().st_size > 1000 and (out / "reliability.png").exists()
