@@ -387,3 +387,10 @@ _RECIPES = (
 )
 
 SUITES: dict[str, SuiteRecipe] = {r.name: r for r in _RECIPES}
+
+
+# Suites that ship inside sandhop instead of coming from the package index (recorded with
+# `sandhop record NAME==VERSION --source DIR`): name -> (version, folder under sandhop.datasets).
+LOCAL_SUITES: dict[str, tuple[str, str]] = {
+    "webshop": ("1", "webshop"),  # the browser suite: a web shop and its Playwright tests
+}

@@ -227,7 +227,8 @@ def inner(server, tmp_path_factory):
         failure = case.find("failure")
         if failure is None:
             failure = case.find("error")
-        outcomes[case.get("name")] = ("passed", "") if failure is None else ("failed", failure.get("message", ""))
+        outcomes[case.get("name")] = (("passed", "") if failure is None
+                                      else ("failed", failure.get("message", "") + "\n" + (failure.text or "")))
     from sandhop.datasets.traces import read_traces
     trace = read_traces(rec).to_pylist()
     decisions = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("kind") == "decision"]
