@@ -453,7 +453,10 @@ def _inside(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     for address in spec["addresses"]:
-        subprocess.run(["ip", "addr", "add", address + ("/128" if ":" in address else "/32"), "dev", "lo"], check=True)
+        # nodad: an IPv6 address still in duplicate-address detection cannot be bound yet
+        v6 = ":" in address
+        subprocess.run(["ip", "addr", "add", address + ("/128" if v6 else "/32"), "dev", "lo",
+                        *(["nodad"] if v6 else [])], check=True)
     for source, target in ((spec["hosts"], "/etc/hosts"), (spec["resolv"], "/etc/resolv.conf")):
         subprocess.run(["mount", "--bind", source, target], check=True)
 

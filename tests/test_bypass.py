@@ -174,7 +174,8 @@ def note(**record):
 
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 for address in spec["addresses"]:
-    subprocess.run(["ip", "addr", "add", address, "dev", "lo"], check=True)
+    # nodad: an IPv6 address still in duplicate-address detection cannot be bound yet
+    subprocess.run(["ip", "addr", "add", address, "dev", "lo", *(["nodad"] if ":" in address else [])], check=True)
 for source, target in (("hosts", "/etc/hosts"), ("resolv", "/etc/resolv.conf")):
     subprocess.run(["mount", "--bind", spec[source], target], check=True)
 
