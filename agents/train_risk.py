@@ -347,10 +347,18 @@ def timer() -> float:
 
 # --------------------------------------------------------------------------- data sources
 
-def adfa_episodes(traces, spec: FeatureSpec | None = None) -> tuple[Encoded, FeatureSpec]:
+ADFA_DIRECTIONS = ("forward", "backward")
+
+
+def adfa_episodes(traces, spec: FeatureSpec | None = None, direction: str = "forward"
+                  ) -> tuple[Encoded, FeatureSpec]:
     """ADFA-LD traces as episodes: one event per system call (op = its i386 name); the spec's
-    op vocabulary is fitted on the traces given when `spec` is None (the training split)."""
+    op vocabulary is fitted on the traces given when `spec` is None (the training split).
+    `direction="backward"` reverses each trace's calls, so the LM predicts a call from the calls
+    after it (training and scoring must use the same direction: it is `dataset.direction`)."""
     from sandhop.datasets.adfa import syscall_names
+    if direction not in ADFA_DIRECTIONS:
+        raise TrainError(f"dataset.direction={direction!r}: use one of {', '.join(ADFA_DIRECTIONS)}")
     names = syscall_names()
     if spec is None:
         spec = FeatureSpec.fit({names.get(int(n), f"syscall_{n}") for t in traces for n in np.unique(t.syscalls)},
@@ -361,8 +369,9 @@ def adfa_episodes(traces, spec: FeatureSpec | None = None) -> tuple[Encoded, Fea
     enc = Encoded(spec)
     lookup: dict[int, int] = {}
     for t in traces:
+        calls = t.syscalls[::-1] if direction == "backward" else t.syscalls
         ids = np.array([lookup.setdefault(int(n), op_ix.get(names.get(int(n), f"syscall_{n}"), 1))
-                        for n in t.syscalls], np.int32)
+                        for n in calls], np.int32)
         f = np.tile(np.concatenate([fixed, np.zeros(spec.pieces, np.int32)]), (len(ids), 1))
         f[:, 1] = ids
         enc.keys.append(("adfa-ld", t.split, t.name))
@@ -384,10 +393,11 @@ def load_data(cfg: Any) -> tuple[dict[str, Encoded], FeatureSpec, str]:
         rng = np.random.default_rng(int(cfg.seed))
         held = set(rng.choice(len(training), size=max(1, int(len(training) * float(cfg.train.holdout))),
                               replace=False).tolist())
-        train_enc, spec = adfa_episodes([t for i, t in enumerate(training) if i not in held])
-        val_enc, _ = adfa_episodes([t for i, t in enumerate(training) if i in held], spec)
-        normal, _ = adfa_episodes([t for t in traces if t.split == "validation"], spec)
-        attack, _ = adfa_episodes([t for t in traces if t.split == "attack"], spec)
+        direction = str(cfg.dataset.get("direction", "forward"))
+        train_enc, spec = adfa_episodes([t for i, t in enumerate(training) if i not in held], None, direction)
+        val_enc, _ = adfa_episodes([t for i, t in enumerate(training) if i in held], spec, direction)
+        normal, _ = adfa_episodes([t for t in traces if t.split == "validation"], spec, direction)
+        attack, _ = adfa_episodes([t for t in traces if t.split == "attack"], spec, direction)
         return {"train": train_enc, "val": val_enc, "normal": normal, "attack": attack,
                 "_traces": traces}, spec, kind
     from sandhop.datasets import splits

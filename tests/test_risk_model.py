@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,61 @@ def test_adfa_experiment_and_the_score_command(tmp_path, cache, capsys):
     attack = [float(r["score"]) for r in rows if r["file"].startswith("attack/")]
     normal = [float(r["score"]) for r in rows if r["file"].startswith("validation/")]
     assert min(attack) > max(normal)
+    # the experiment trains backward; the command reads that from the checkpoint's config, so it
+    # gives the run's own scores (a forward reading of these traces would not)
+    assert result["adfa_ld"]["settings"] == {"direction": "backward", "window": 64, "mode": "surprise+novelty"}
+    in_run = {r["file"]: float(r["score"]) for r in csv.DictReader(open(out / "adfa_scores.csv"))}
+    for r in rows:
+        if not r["file"].startswith("training/"):
+            assert float(r["score"]) == pytest.approx(in_run[r["file"].rsplit("/", 1)[-1]], rel=1e-4, abs=1e-4)
+
+
+def test_backward_adfa_episodes_reverse_each_trace():
+    from sandhop.agents.train_risk import TrainError, adfa_episodes
+    from sandhop.datasets.adfa import Trace
+    traces = [Trace("training", "", "", "a", np.array([3, 4, 5, 6, 6], np.int32)),
+              Trace("training", "", "", "b", np.array([192, 3], np.int32))]
+    forward, spec = adfa_episodes(traces)
+    backward, spec_b = adfa_episodes(traces, None, "backward")
+    assert spec_b.fingerprint() == spec.fingerprint()  # same vocabulary either way
+    for f, b in zip(forward.features, backward.features):
+        np.testing.assert_array_equal(b, f[::-1])
+        assert len(set(f[:, 1])) > 1 and (f[:, 0] == f[0, 0]).all()  # ops differ by call, the rest is fixed
+    with pytest.raises(TrainError, match="dataset.direction='sideways'"):
+        adfa_episodes(traces, spec, "sideways")
+
+
+def test_min_window_surprise():
+    from sandhop.agents.adfa_lm import Scorer, min_window_mean
+    values = np.array([5.0, 1.0, 2.0, 0.0, 9.0, 1.0])
+    assert min_window_mean(values, 2) == pytest.approx(1.0)      # (2 + 0) / 2
+    assert min_window_mean(values, 3) == pytest.approx(1.0)      # (1 + 2 + 0) / 3
+    assert min_window_mean(values, 6) == pytest.approx(3.0)      # one window: the mean
+    assert min_window_mean(values, 64) == pytest.approx(3.0)     # shorter than the window: the mean
+    assert min_window_mean(values, None) == pytest.approx(3.0)
+    assert min_window_mean(values[:0], 2) == 0.0
+    brute = min(np.mean(values[i:i + 4]) for i in range(3))
+    assert min_window_mean(values, 4) == pytest.approx(brute)
+
+    # the scorer's surprise part: NLL - entropy, without the first call (nothing predicts it)
+    def output(nll, hidden):
+        nll = np.asarray(nll, np.float32)
+        return {"surprise": nll, "entropy": np.full_like(nll, 0.5), "hidden": np.asarray(hidden, np.float32)}
+    rng = np.random.default_rng(0)
+    outs = [output([0.0, 5.5, 1.5, 2.5, 0.5, 9.5, 1.5], rng.normal(size=(7, 3))) for _ in range(5)]
+    scorer = Scorer.fit(outs, outs, window=2)
+    surprise, novelty = scorer.raw(outs)
+    np.testing.assert_allclose(surprise, 1.0)
+    assert novelty.shape == (5,) and np.isfinite(novelty).all()
+    assert Scorer.fit(outs, outs, window=None).parts(outs)[0][0] == pytest.approx(3.0)
+
+    # stored as JSON; a file from before the window existed keeps its whole-trace mean
+    stored = json.dumps(asdict(scorer))
+    assert Scorer.from_json(stored) == scorer
+    old = {k: v for k, v in asdict(scorer).items() if k != "window"}
+    assert Scorer.from_json(json.dumps(old)).window is None
+    with pytest.raises(ValueError, match="score window 0"):
+        Scorer.from_json(json.dumps({**old, "window": 0}))
 
 
 def test_a_checkpoint_refuses_data_of_another_spec(tmp_path, cache, capsys):
