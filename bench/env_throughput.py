@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sandhop.envs import data as envdata  # noqa: E402
-from sandhop.envs.jax_env import JaxSandboxEnv, _mix  # noqa: E402
+from sandhop.envs.jax_env import JaxSandboxEnv, hash32  # noqa: E402
 from sandhop.envs.sandbox_env import SandboxManagerEnv  # noqa: E402
 from sandhop.envs.spec import EnvSpec  # noqa: E402
 
@@ -48,7 +48,7 @@ def gym_steps_per_s(episodes: envdata.Episodes, spec: EnvSpec, steps: int, seed:
 def random_masked(seed: jax.Array, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """The random masked policy: a uniformly drawn action per environment, `stay` where it is
     masked (integer hash of the step's seed and the environment's id: no PRNG-key splitting)."""
-    action = (_mix(ids ^ seed) % jnp.uint32(mask.shape[-1])).astype(jnp.int32)
+    action = (hash32(ids ^ seed) % jnp.uint32(mask.shape[-1])).astype(jnp.int32)
     return jnp.where(jnp.take_along_axis(mask, action[:, None], -1)[:, 0] > 0, action, 0)
 
 
@@ -64,7 +64,7 @@ def twin_rollout(twin: JaxSandboxEnv, n_envs: int, steps: int, devices: list):
             obs, state, total = carry
             obs, state, reward, _, _, _ = step(state, random_masked(seed, ids, obs["action_mask"]), params)
             return (obs, state, total + reward.sum()), None
-        seeds = _mix(seed + jnp.arange(steps, dtype=jnp.uint32))
+        seeds = hash32(seed + jnp.arange(steps, dtype=jnp.uint32))
         (obs, state, total), _ = jax.lax.scan(body, (obs, state, jnp.float32(0)), seeds)
         return obs, state, total
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 import select
 import socketserver
-from collections import Counter, deque
+from collections import Counter
 from fnmatch import fnmatchcase
 from urllib.parse import urljoin, urlsplit
 
@@ -155,28 +155,17 @@ class BrowserGuard:
         self.engine = engine or (self.guard.engine if self.guard is not None else None)
         self._config = config
         self.proxy = proxy
-        # what this guard decided and observed, newest last (bounded: a session can be long)
-        self.decisions: deque[dict] = deque(maxlen=10_000)
-        self._lock = threading.Lock()
 
     @property
     def active(self) -> bool:
         return self.tracer is not None or self.engine is not None
-
-    @property
-    def config(self) -> SandboxConfig | None:
-        if self.guard is not None:
-            return self.guard.config
-        return self._config
 
     # ------------------------------------------------------------------ deciding
     def decide(self, category: str, op: str, target: str, detail: str, *, attribute: bool = True) -> Decision:
         """Record one event and decide it (allow when nothing guards this process).
         `attribute=False`: the browser's own traffic, not the test's: decided, but neither in the
         test's trace nor a violation of the test when refused (see `EgressProxy.refused`)."""
-        cls = ev.target_class(category, target, detail)
-        if self.tracer is not None and self.tracer.spool_dir and attribute:
-            self.tracer.spool(category, op, target, detail, cls)
+        cls = self.observe(category, op, target, detail) if attribute else ev.target_class(category, target, detail)
         if self.guard is not None:
             d = self.guard.decide(category, target, cls) if self.guard.enforcing() else _ALLOW
             if d.effect != "allow":
@@ -184,22 +173,17 @@ class BrowserGuard:
                     self.guard.record(category, op, target, detail, cls, d)
                 if self.guard.mode == "audit":
                     d = _ALLOW  # audit mode records what would be denied and blocks nothing
-        elif self.engine is not None and self._config is not None:
-            d = self.engine.decide_target(category, target, cls, self._config)
-        else:
-            d = _ALLOW
-        with self._lock:
-            self.decisions.append({"category": category, "op": op, "target": target, "detail": detail,
-                                   "effect": d.effect, "rule": d.rule_id})
-        return d
+            return d
+        if self.engine is not None and self._config is not None:
+            return self.engine.decide_target(category, target, cls, self._config)
+        return _ALLOW
 
-    def observe(self, category: str, op: str, target: str, detail: str) -> None:
+    def observe(self, category: str, op: str, target: str, detail: str) -> str:
+        """Put an event in the test's trace (when recording); its target class."""
         cls = ev.target_class(category, target, detail)
-        if self.tracer is not None and self.tracer.spool_dir:
+        if self.tracer is not None:
             self.tracer.spool(category, op, target, detail, cls)
-        with self._lock:
-            self.decisions.append({"category": category, "op": op, "target": target, "detail": detail,
-                                   "effect": "observed", "rule": ""})
+        return cls
 
     # ------------------------------------------------------------------ Playwright
     def attach(self, context) -> Any:

@@ -75,7 +75,6 @@ class Episodes:
     target_class: np.ndarray                   # int32 [N]: index into TARGET_CLASSES
     event: np.ndarray                          # int32 [N]: index into `targets`
     targets: list[tuple[str, str, str]]        # distinct (category, target, target_class)
-    op: np.ndarray                             # object [N]: the operation, for info and display
     malicious: np.ndarray                      # bool [N]
     damaging: np.ndarray                       # bool [N]
     progress: np.ndarray                       # float32 [N]: position / episode length
@@ -103,7 +102,7 @@ class Episodes:
         start = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64) if len(idx) else idx
         return Episodes(self.name, [self.keys[e] for e in idx], start, length, [self.attack[e] for e in idx],
                         self.category[rows], self.target_class[rows], self.event[rows], self.targets,
-                        self.op[rows], self.malicious[rows], self.damaging[rows], self.progress[rows],
+                        self.malicious[rows], self.damaging[rows], self.progress[rows],
                         None if self.risk is None else self.risk[rows],
                         None if self.tags is None else self.tags[rows], self.risk_source)
 
@@ -113,7 +112,7 @@ class Episodes:
 def from_table(table: pa.Table, name: str = "traces") -> Episodes:
     """Episodes of a labelled trace table (the schema of `sandhop.datasets.traces`), without risk
     inputs (see `with_risk`)."""
-    needed = ["suite", "run_id", "test_id", "seq", "category", "op", "target", "target_class", "malicious",
+    needed = ["suite", "run_id", "test_id", "seq", "category", "target", "target_class", "malicious",
               "attack"]
     missing = [c for c in needed if c not in table.column_names]
     if missing:
@@ -148,8 +147,7 @@ def from_table(table: pa.Table, name: str = "traces") -> Episodes:
     pos = np.arange(table.num_rows, dtype=np.int64) - np.repeat(start, length)
     progress = (pos.astype(np.float32) / np.repeat(length, length).astype(np.float32)).astype(np.float32)
     return Episodes(name, keys, start, length, attack, category, target_class,
-                    distinct.indices.to_numpy().astype(np.int32), targets,
-                    np.asarray(table["op"].to_pylist(), object), malicious, damaging, progress)
+                    distinct.indices.to_numpy().astype(np.int32), targets, malicious, damaging, progress)
 
 
 def _vocabulary_index(table: pa.Table, column: str, vocabulary: tuple[str, ...], name: str) -> np.ndarray:
@@ -171,14 +169,12 @@ def _vocabulary_index(table: pa.Table, column: str, vocabulary: tuple[str, ...],
 def with_risk(episodes: Episodes, spec: EnvSpec, table: pa.Table | None = None, cache_key: str | None = None) -> Episodes:
     """Attach the risk inputs `spec.risk_source` names (see the module docstring)."""
     if spec.risk_source == "rules":
-        pairs = {}
         risk = np.empty(episodes.n_events, np.float32)
         tags = np.empty((episodes.n_events, len(INFERRED_TAGS)), np.float32)
         combo = episodes.category.astype(np.int64) * len(TARGET_CLASSES) + episodes.target_class
         for c in np.unique(combo):
-            pairs[c] = rule_risk(CATEGORIES[c // len(TARGET_CLASSES)], TARGET_CLASSES[c % len(TARGET_CLASSES)])
             sel = combo == c
-            risk[sel], tags[sel] = pairs[c]
+            risk[sel], tags[sel] = rule_risk(CATEGORIES[c // len(TARGET_CLASSES)], TARGET_CLASSES[c % len(TARGET_CLASSES)])
         episodes.risk, episodes.tags, episodes.risk_source = risk, tags, "rules"
         return episodes
     if table is None:
@@ -270,7 +266,7 @@ def model_risk(episodes: Episodes, table: pa.Table, checkpoint: str, cache_key: 
 
 # --------------------------------------------------------------------------- loading a split
 
-_LOADED: dict[tuple, tuple[Episodes, pa.Table | None]] = {}
+_LOADED: dict[tuple, Episodes] = {}
 
 
 def load(split: str, dataset: Any = "default", spec: EnvSpec | None = None, *, progress: bool = False) -> Episodes:
@@ -299,8 +295,8 @@ def load(split: str, dataset: Any = "default", spec: EnvSpec | None = None, *, p
         episodes = from_table(table, f"{root.name}/{split}")
         with_risk(episodes, spec, table, f"{root.name}-{split}")
         _LOADED.clear()  # one split at a time: the training split is large
-        _LOADED[key] = (episodes, None)
-    return _LOADED[key][0]
+        _LOADED[key] = episodes
+    return _LOADED[key]
 
 
 # --------------------------------------------------------------------------- the decision table

@@ -87,7 +87,7 @@ def make_params(episodes: envdata.Episodes, decisions: np.ndarray, spec: EnvSpec
         base_level=jnp.int32(spec.base_level), max_steps=jnp.int32(spec.max_episode_steps))
 
 
-def _mix(x: jax.Array) -> jax.Array:
+def hash32(x: jax.Array) -> jax.Array:
     """A 32-bit integer hash (lowbias32): the episode stream's next draw."""
     x = x ^ (x >> 16)
     x = x * jnp.uint32(0x7FEB352D)
@@ -141,7 +141,7 @@ class JaxSandboxEnv:
 
     @staticmethod
     def _draw(rng: jax.Array, params: EnvParams) -> jax.Array:
-        return (_mix(rng) % jnp.uint32(params.length.shape[0])).astype(jnp.int32)
+        return (hash32(rng) % jnp.uint32(params.length.shape[0])).astype(jnp.int32)
 
     def observation(self, state: EnvState, params: EnvParams) -> dict:
         i = state.start + jnp.minimum(state.t, state.length - 1)

@@ -194,7 +194,7 @@ def test_twin_vmaps_jits_and_autoresets(test_split):
 
 # --------------------------------------------------------------------------- rewards
 
-TERMS = {  # term -> (override, outcome counted, or a special counter)
+TERMS = {  # reward term -> what it is charged for: an outcome, or a counter kept by the test
     "malicious_allowed": "malicious_allowed",
     "benign_denied": "benign_denied",
     "benign_redirected": "benign_redirected",
