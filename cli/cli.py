@@ -100,6 +100,12 @@ def _audit_key(args: argparse.Namespace) -> bytes | None:
     return value.encode()
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from sandhop.agents.evaluate_agent import evaluate_command
+    return evaluate_command(policies=args.policies, splits=args.split, out=Path(args.out), dataset=args.dataset,
+                            env_overrides=args.env, progress=sys.stderr.isatty())
+
+
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from sandhop.enforcement import audit
     key = _audit_key(args)
@@ -196,6 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", required=True, metavar="PATH", help="ADFA-LD-layout folder or zip")
     q.add_argument("--out", required=True, metavar="CSV")
     q.set_defaults(func=_cmd_adfa_score)
+
+    p = sub.add_parser("evaluate", help="replay held-out splits through the real engine under sandbox-manager "
+                                        "policies (PPO, static tiers, threshold rule, oracle) and compare them")
+    p.add_argument("--policies", default="static,threshold,oracle",
+                   help="comma list: ppo:RUN_DIR (a sandhop-train-agent run or a multirun folder of them), "
+                        "static (every tier) or static:TIER, threshold, oracle (default: %(default)s)")
+    p.add_argument("--split", default="test,novel", help="comma list of splits to replay (default: %(default)s)")
+    p.add_argument("--out", required=True, help="folder for results.parquet, results.md and the Pareto plot")
+    p.add_argument("--dataset", default=None,
+                   help="dataset config (default: the PPO runs' dataset, else default)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="env setting, e.g. risk.source=model (default: the PPO runs' env config)")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("audit", help="verify audit logs of enforced runs, or export their decisions")
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)

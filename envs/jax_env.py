@@ -46,8 +46,8 @@ class EnvState:
 
 
 # EnvParams.meta packs per event: category (bits 0-4), target class (5-10), malicious (11),
-# permission slot + 1 (12-17; 0: the category has no grant/revoke action).
-_CLASS_SHIFT, _MALICIOUS_SHIFT, _SLOT_SHIFT = 5, 11, 12
+# permission slot + 1 (12-17; 0: the category has no grant/revoke action), damaging (18).
+_CLASS_SHIFT, _MALICIOUS_SHIFT, _SLOT_SHIFT, _DAMAGING_SHIFT = 5, 11, 12, 18
 
 
 @struct.dataclass
@@ -56,6 +56,7 @@ class EnvParams:
 
     start: jax.Array         # int32 [E]
     length: jax.Array        # int32 [E]
+    attacked: jax.Array      # bool [E]: the episode holds an injected attack
     meta: jax.Array          # uint32 [N]: category, target class, malicious, permission slot (see above)
     floats: jax.Array        # float32 [N, 1 + T + 1]: risk, tag probabilities, progress
     decisions: jax.Array     # uint32 [N]: the engine's effect under each (tier, permission), 2 bits each
@@ -63,6 +64,7 @@ class EnvParams:
     overhead: jax.Array      # float32 [tiers]
     hop: jax.Array
     permission_change: jax.Array
+    damage: jax.Array
     base_level: jax.Array
     max_steps: jax.Array     # 0: none
 
@@ -74,16 +76,19 @@ def make_params(episodes: envdata.Episodes, decisions: np.ndarray, spec: EnvSpec
     assert len(CATEGORIES) <= 32 and len(TARGET_CLASSES) <= 64 and spec.n_categories < 63, "meta bit layout"
     assert decisions.shape[1] * decisions.shape[2] <= 16, "2 bits per decision in a uint32"
     meta = (episodes.category.astype(np.int64) | episodes.target_class.astype(np.int64) << _CLASS_SHIFT
-            | episodes.malicious.astype(np.int64) << _MALICIOUS_SHIFT | (slots[episodes.category] + 1) << _SLOT_SHIFT)
+            | episodes.malicious.astype(np.int64) << _MALICIOUS_SHIFT | (slots[episodes.category] + 1) << _SLOT_SHIFT
+            | episodes.damaging.astype(np.int64) << _DAMAGING_SHIFT)
     floats = np.concatenate([episodes.risk[:, None], episodes.tags, episodes.progress[:, None]], axis=1)
     flat = decisions.reshape(len(decisions), -1).astype(np.int64)
     packed = (flat << (2 * np.arange(flat.shape[1]))).sum(axis=1)[episodes.event]
     return EnvParams(
         start=jnp.asarray(episodes.start, jnp.int32), length=jnp.asarray(episodes.length, jnp.int32),
+        attacked=jnp.asarray([bool(a) for a in episodes.attack], bool),
         meta=jnp.asarray(meta.astype(np.uint32)), floats=jnp.asarray(floats, jnp.float32),
         decisions=jnp.asarray(packed.astype(np.uint32)),
         costs=jnp.asarray(spec.outcome_costs()), overhead=jnp.asarray(spec.tier_overhead, jnp.float32),
         hop=jnp.float32(spec.hop), permission_change=jnp.float32(spec.permission_change),
+        damage=jnp.float32(spec.damaging_allowed),
         base_level=jnp.int32(spec.base_level), max_steps=jnp.int32(spec.max_episode_steps))
 
 
@@ -168,11 +173,16 @@ class JaxSandboxEnv:
         """`step_env`, then a finished episode is replaced by the next one of the state's stream
         (SAME_STEP autoreset: the observation returned is the new episode's first)."""
         new, reward, terminated, truncated, info = self._transition(state, action, params)
-        done = terminated | truncated
-        rng = jnp.where(done, new.rng + jnp.uint32(1), new.rng)
-        fresh = self._fresh(jnp.where(done, self._draw(rng, params), new.episode), params, rng)
-        state = jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), fresh, new)
-        return self.observation(state, params), state, reward, terminated, truncated, info
+        obs, state = self.autoreset(new, terminated | truncated, params)
+        return obs, state, reward, terminated, truncated, info
+
+    def autoreset(self, state: EnvState, done: jax.Array, params: EnvParams) -> tuple[dict, EnvState]:
+        """Replace a finished episode by the next of the state's stream (after `step_env`, for
+        agents that need the final observation of a truncated episode first)."""
+        rng = jnp.where(done, state.rng + jnp.uint32(1), state.rng)
+        fresh = self._fresh(jnp.where(done, self._draw(rng, params), state.episode), params, rng)
+        state = jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), fresh, state)
+        return self.observation(state, params), state
 
     def _transition(self, state: EnvState, action: jax.Array, params: EnvParams):
         k = self.spec.n_categories
@@ -195,15 +205,17 @@ class JaxSandboxEnv:
         shift = (2 * (level * len(PERMISSIONS) + permission)).astype(jnp.uint32)
         effect = ((params.decisions[i] >> shift) & 3).astype(jnp.int32)
         outcome = outcome_of(malicious, effect)
+        damaging = ((meta >> _DAMAGING_SHIFT) & 1).astype(bool)
         reward = step_reward(jnp, params.costs, params.overhead, outcome, level, hopped, changed, params.hop,
-                             params.permission_change)
+                             params.permission_change, damaging, params.damage)
         t = state.t + 1
         terminated = t >= state.length
         truncated = ~terminated & (params.max_steps > 0) & (t >= params.max_steps)
         new = state.replace(t=t, level=level, permissions=permissions,
                             denied=push_recent(jnp, state.denied, effect == 2, self.spec.recent_window),
                             redirected=push_recent(jnp, state.redirected, effect == 1, self.spec.recent_window))
-        info = {"effect": effect, "outcome": outcome, "malicious": malicious, "invalid_action": ~valid}
+        info = {"effect": effect, "outcome": outcome, "malicious": malicious, "invalid_action": ~valid,
+                "damaging": damaging, "hopped": hopped, "level": level}
         return new, reward, terminated, truncated, info
 
     def flat(self, obs: dict) -> jax.Array:

@@ -72,6 +72,7 @@ class SandboxManagerEnv(gym.Env):
         self._overhead = np.asarray(self.env_spec.tier_overhead, np.float32)
         self._hop_cost = np.float32(self.env_spec.hop)
         self._permission_cost = np.float32(self.env_spec.permission_change)
+        self._damage_cost = np.float32(self.env_spec.damaging_allowed)
         self._episode = -1
         self._last: dict = {}
 
@@ -131,8 +132,9 @@ class SandboxManagerEnv(gym.Env):
         malicious = bool(self.episodes.malicious[i])
         outcome = outcome_of(int(malicious), effect)
         level = self.config.level
+        damaging = bool(self.episodes.damaging[i])
         reward = step_reward(np, self._costs, self._overhead, outcome, level, hopped, changed, self._hop_cost,
-                             self._permission_cost)
+                             self._permission_cost, np.bool_(damaging), self._damage_cost)
         window = self.env_spec.recent_window
         self._denied = push_recent(np, self._denied, np.bool_(effect == 2), window)
         self._redirected = push_recent(np, self._redirected, np.bool_(effect == 1), window)
@@ -141,7 +143,7 @@ class SandboxManagerEnv(gym.Env):
         limit = self.env_spec.max_episode_steps
         truncated = not terminated and limit > 0 and self._t >= limit
         info = {"decision": decision.effect, "rule_id": decision.rule_id, "reason": decision.reason,
-                "malicious": malicious, "damaging": bool(self.episodes.damaging[i]),
+                "malicious": malicious, "damaging": damaging,
                 "attack": self.episodes.attack[self._episode], "tier": self.config.tier,
                 "outcome": OUTCOMES[outcome], "action": self._names[action] if valid else "stay",
                 "invalid_action": not valid, "category": category, "target": target, "event": self._t - 1}

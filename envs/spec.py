@@ -63,6 +63,7 @@ class EnvSpec:
     recent_window: int = 8
     max_episode_steps: int = 0      # 0: whole tests
     malicious_allowed: float = 10.0
+    damaging_allowed: float = 0.0
     benign_denied: float = 1.0
     benign_redirected: float = 0.1
     hop: float = 0.05
@@ -98,7 +99,7 @@ class EnvSpec:
     def from_config(cls, cfg: Any = None, **overrides) -> "EnvSpec":
         """From the `env` config node (OmegaConf or mapping; None: configs/env/default.yaml) plus
         keyword overrides in the same nesting (`reward={"hop": 0.1}`, `base_tier="medium"`)."""
-        data = _to_dict(cfg) if cfg is not None else default_config()
+        data = plain_config(cfg) if cfg is not None else default_config()
         for k, v in overrides.items():
             if isinstance(v, Mapping) and isinstance(data.get(k), Mapping):
                 data[k] = {**data[k], **v}
@@ -109,7 +110,8 @@ class EnvSpec:
         risk = dict(data.pop("risk", {}) or {})
         overhead = reward.pop("tier_overhead", None)
         known = {"categories", "base_tier", "recent_window", "max_episode_steps"}
-        reward_known = {"malicious_allowed", "benign_denied", "benign_redirected", "hop", "permission_change"}
+        reward_known = {"malicious_allowed", "damaging_allowed", "benign_denied", "benign_redirected", "hop",
+                        "permission_change"}
         unknown = sorted(set(data) - known) + sorted(f"reward.{k}" for k in set(reward) - reward_known) \
             + sorted(f"risk.{k}" for k in set(risk) - {"source", "checkpoint"})
         if unknown:
@@ -168,7 +170,8 @@ class EnvSpec:
         return {"categories": list(self.categories), "base_tier": self.base_tier,
                 "recent_window": self.recent_window, "max_episode_steps": self.max_episode_steps or None,
                 "risk": {"source": self.risk_source, "checkpoint": self.risk_checkpoint},
-                "reward": {"malicious_allowed": self.malicious_allowed, "benign_denied": self.benign_denied,
+                "reward": {"malicious_allowed": self.malicious_allowed, "damaging_allowed": self.damaging_allowed,
+                           "benign_denied": self.benign_denied,
                            "benign_redirected": self.benign_redirected, "hop": self.hop,
                            "permission_change": self.permission_change,
                            "tier_overhead": dict(zip(TIERS, self.tier_overhead))}}
@@ -181,14 +184,16 @@ def default_config() -> dict:
     return OmegaConf.to_container(OmegaConf.load(Path(configs.__file__).parent / "env" / "default.yaml"))
 
 
-def _to_dict(cfg: Any) -> dict:
+def plain_config(cfg: Any) -> dict:
+    """A config node (OmegaConf, resolved) or mapping as a plain dict the caller may change."""
     try:
         from omegaconf import OmegaConf
         if OmegaConf.is_config(cfg):
             return OmegaConf.to_container(cfg, resolve=True)
     except ImportError:
         pass
-    return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(cfg).items()}
+    import copy
+    return copy.deepcopy(dict(cfg or {}))
 
 
 # --------------------------------------------------------------------------- shared logic (numpy or jax.numpy)
@@ -207,11 +212,13 @@ def outcome_of(malicious, effect):
     return 3 * malicious + effect
 
 
-def step_reward(xp, costs, overhead, outcome, level, hopped, changed, hop_cost, permission_cost):
-    """float32 reward of one step; the subtraction order is fixed so numpy and XLA agree exactly."""
+def step_reward(xp, costs, overhead, outcome, level, hopped, changed, hop_cost, permission_cost, damaging,
+                damage_cost):
+    """float32 reward of one step; the subtraction order is fixed so numpy and XLA agree exactly.
+    `damaging`: the step is its attack's damaging one (charged `damage_cost` more when allowed)."""
     zero = xp.float32(0.0)
     return (costs[outcome] - overhead[level] - xp.where(hopped, hop_cost, zero)
-            - xp.where(changed, permission_cost, zero))
+            - xp.where(changed, permission_cost, zero) - xp.where(damaging & (outcome == 3), damage_cost, zero))
 
 
 def push_recent(xp, bits, hit, window: int):

@@ -196,6 +196,7 @@ def test_twin_vmaps_jits_and_autoresets(test_split):
 
 TERMS = {  # reward term -> what it is charged for: an outcome, or a counter kept by the test
     "malicious_allowed": "malicious_allowed",
+    "damaging_allowed": "damage",
     "benign_denied": "benign_denied",
     "benign_redirected": "benign_redirected",
     "hop": "hops",
@@ -217,13 +218,14 @@ def test_each_reward_term_changes_the_return_as_configured(test_split, term):
 
     def returns(**overrides):
         env = SandboxManagerEnv(episodes=episodes, base_tier="observe", max_episode_steps=40, **overrides)
-        total, counts = 0.0, dict.fromkeys(["hops", "changes", "steps"] + list(OUTCOMES), 0)
+        total, counts = 0.0, dict.fromkeys(["hops", "changes", "steps", "damage"] + list(OUTCOMES), 0)
         for e in range(len(episodes)):
             ret, infos, actions = play(env, e, policy)
             total += ret
             for info, a in zip(infos, actions):
                 counts[info["outcome"]] += 1
                 counts["steps"] += info["tier"] == "lockdown"
+                counts["damage"] += info["damaging"] and info["outcome"] == "malicious_allowed"
                 counts["hops"] += info["action"].startswith("hop:")
                 counts["changes"] += info["action"].startswith(("grant:", "revoke:"))
         return total, counts

@@ -3,10 +3,15 @@ training with Orbax checkpoints, ADFA-LD scoring, and clear errors for mismatche
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
+import io
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,13 +41,53 @@ def random_events(rng: np.random.Generator, b: int, t: int, spec: FeatureSpec = 
 
 
 def model(context: int = 8, seed: int = 0) -> RiskModel:
-    return RiskModel(SPEC, ModelConfig(width=16, layers=2, heads=2, mlp=2, context=context, dropout=0.0),
-                     rngs=nnx.Rngs(seed))
+    """A fresh module object each call, over parameters initialised once per (context, seed)."""
+    return nnx.merge(*_initialised(context, seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _initialised(context: int, seed: int):
+    # Initialised as Trainer does, in one jitted program (compiled once: the context is not part of
+    # it), rather than op by op, which compiled a random initialiser for every parameter shape.
+    cfg = ModelConfig(width=16, layers=2, heads=2, mlp=2, context=context, dropout=0.0)
+    return nnx.split(nnx.jit(lambda: RiskModel(SPEC, cfg, rngs=nnx.Rngs(params=seed)))())
+
+
+# Whole-sequence and one-event calls compiled as one program each (as score_episodes, the trainer
+# and bench/risk_latency.py run them), not op by op: op-by-op dispatch compiles every primitive
+# of every new shape separately, which was most of these tests' time. The model code is the same.
+@nnx.jit
+def forward(m: RiskModel, x: jax.Array) -> dict[str, jax.Array]:
+    return m(x)
+
+
+@nnx.jit
+def step(m: RiskModel, x: jax.Array, cache):
+    return m.step(x, cache)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def xla_cache(tmp_path_factory):
+    """A persistent compilation cache for this module. Every `Trainer` (each run, each
+    `load_run`) and every `score_episodes` call jits fresh closures, so the same programs were
+    compiled again and again (about 80% of this module's time); with the cache a program of
+    the same HLO is loaded instead. Results are the same programs' results; the previous
+    settings come back afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)  # not each eager op
+    cc.reset_cache()  # an earlier module may have compiled already, with the cache off
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
 
 
 def test_output_shapes_and_dtypes():
     m = model()
-    out = m(jnp.asarray(random_events(np.random.default_rng(0), 3, 11)))
+    out = forward(m, jnp.asarray(random_events(np.random.default_rng(0), 3, 11)))
     assert out["lm_category"].shape == (3, 11, SPEC.n_categories)
     assert out["lm_op"].shape == (3, 11, SPEC.n_ops) and out["lm_class"].shape == (3, 11, SPEC.n_classes)
     assert out["risk"].shape == (3, 11) and out["tags"].shape == (3, 11, len(SPEC.tags))
@@ -59,7 +104,7 @@ def test_future_events_never_change_past_outputs(seed, cut):
     x = random_events(rng, 1, 24)
     y = x.copy()
     y[:, cut:] = random_events(rng, 1, 24 - cut)
-    a, b = m(jnp.asarray(x)), m(jnp.asarray(y))
+    a, b = forward(m, jnp.asarray(x)), forward(m, jnp.asarray(y))
     for key in ("risk", "tags", "lm_op"):
         np.testing.assert_allclose(np.asarray(a[key])[:, :cut], np.asarray(b[key])[:, :cut], atol=1e-5)
 
@@ -67,10 +112,10 @@ def test_future_events_never_change_past_outputs(seed, cut):
 def test_incremental_path_equals_full_sequence_inference():
     m = model(context=6)
     x = jnp.asarray(random_events(np.random.default_rng(1), 2, 20))  # longer than the window
-    full = m(x)
+    full = forward(m, x)
     cache, steps = m.init_cache(2), []
     for t in range(20):
-        out, cache = m.step(x[:, t], cache)
+        out, cache = step(m, x[:, t], cache)
         steps.append(out)
     for key in ("risk", "tags", "lm_category", "lm_op", "lm_class"):
         inc = np.stack([np.asarray(o[key]) for o in steps], axis=1)
@@ -84,33 +129,13 @@ def test_windowed_scoring_of_long_episodes_equals_the_incremental_path():
     scored = score_episodes(m, [long, long[:7]], seq_len=12)  # 2 layers x 4 back (+1): keeps 3 of 12
     cache, risk = m.init_cache(1), []
     for t in range(40):
-        out, cache = m.step(jnp.asarray(long[None, t]), cache)
+        out, cache = step(m, jnp.asarray(long[None, t]), cache)
         risk.append(float(out["risk"][0]))
     np.testing.assert_allclose(scored[0]["risk"], risk, atol=1e-5)
-    full = m(jnp.asarray(long[None]))
+    full = forward(m, jnp.asarray(long[None]))
     np.testing.assert_allclose(scored[0]["surprise"], np.asarray(next_event_nll(full, jnp.asarray(long[None])))[0],
                                atol=1e-4)
     assert len(scored[1]["risk"]) == 7
-
-
-def test_a_tiny_batch_is_learned():
-    from sandhop.agents.train_risk import Packed, Trainer
-    from omegaconf import OmegaConf
-    rng = np.random.default_rng(3)
-    x = random_events(rng, 4, 16)
-    data = Packed(x, np.ones((4, 16), np.int32), (rng.random((4, 16)) < 0.3).astype(np.float32),
-                  np.zeros((4, 16, len(SPEC.tags)), np.float32))
-    train_cfg = OmegaConf.create({"lr": 1e-2, "final_lr_fraction": 1.0, "warmup_steps": 1, "weight_decay": 0.0,
-                                  "clip": 1.0, "loss_weights": {"lm": 1.0, "risk": 1.0, "tags": 0.5}})
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(Path(tmp), SPEC, ModelConfig(width=32, layers=2, heads=2, mlp=2, context=16, dropout=0.0),
-                          train_cfg, 300, 0)
-        first = trainer.evaluate_loss(data, 4)
-        for _ in range(150):
-            trainer.train_epoch(data, 0, 4, 0)
-        last = trainer.evaluate_loss(data, 4)
-    assert last["val_lm"] < 0.3 * first["val_lm"] and last["val_risk"] < 0.3 * first["val_risk"]
 
 
 # --------------------------------------------------------------------------- Hydra app
@@ -134,13 +159,82 @@ def test_every_config_composes(group, name):
     assert cfg.dataset.name and cfg.train.epochs >= 1
 
 
-TINY = ("model=tiny", "dataset=small", "dataset.max_units_per_suite=12", "train.seq_len=32", "train.batch_size=8",
-        "train.epochs=2", "train.save_every_steps=1", "progress=false")
+# One tiny dataset and training setup for every trainer below. The suites the evaluation holds out
+# are set here, so a single run serves the resume, evaluation and refusal tests; the optimiser
+# settings are those of the tiny-batch test (a constant 1e-2 after one warm-up step), so its
+# trainer is the runs' trainer and their programs compile once.
+TINY = ("model=tiny", "dataset=small", "dataset.max_units_per_suite=12", "dataset.splits.test=[requests]",
+        "dataset.splits.val=[packaging]", "train.seq_len=32", "train.batch_size=8", "train.epochs=2",
+        "train.lr=1e-2", "train.final_lr_fraction=1.0", "train.warmup_steps=1", "train.weight_decay=0.0",
+        "train.save_every_steps=1", "progress=false")
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SANDHOP_CACHE", str(tmp_path / "cache"))
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One dataset cache for the module: the small dataset is built once, not once per run."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SANDHOP_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache):
+    """Tiny runs that the tests below only read (or copy before changing): `whole`, trained in
+    one go and evaluated; `part`, stopped after step 3 (mid-epoch: 2 steps an epoch) and then
+    resumed to the end."""
+    from sandhop.agents.train_risk import run
+    base = tmp_path_factory.mktemp("runs")
+    whole, part = base / "whole", base / "part"
+    evaluation = run(compose(*TINY, f"out={whole}"))
+    interrupted = None
+    try:
+        run(compose(*TINY, f"out={part}", "evaluate=false", "train.stop_after_steps=3"))
+    except KeyboardInterrupt as exc:
+        if "stopped after step" not in str(exc):
+            raise  # a real Ctrl-C
+        interrupted = exc
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        resumed = run(compose(*TINY, f"out={part}", "evaluate=false"))
+    return SimpleNamespace(whole=whole, part=part, evaluation=evaluation, interrupted=interrupted,
+                           resumed=resumed, log=log.getvalue())
+
+
+@pytest.fixture(scope="module")
+def tiny_data(cache):
+    """The TINY config, its encoded splits and feature spec."""
+    from sandhop.agents.train_risk import load_data
+    cfg = compose(*TINY)
+    data, spec, _ = load_data(cfg)
+    return cfg, data, spec
+
+
+def test_a_tiny_batch_is_learned(tiny_data, tmp_path):
+    from sandhop.agents.train_risk import Packed, Trainer, pack, steps_per_epoch
+    cfg, encoded, spec = tiny_data
+    # the trainer `run` builds for TINY (same spec, model, settings and step count), so the
+    # programs are the runs' ones; the batch, 4 rows of 16 events, is padded to their shape
+    seq_len, batch_size = int(cfg.train.seq_len), int(cfg.train.batch_size)
+    total = int(cfg.train.epochs) * steps_per_epoch(len(pack(encoded["train"], seq_len)), batch_size)
+    rng = np.random.default_rng(3)
+    x = np.zeros((4, seq_len, spec.width), np.int32)
+    x[:, :16] = random_events(rng, 4, 16, spec)
+    segment = np.zeros((4, seq_len), np.int32)
+    segment[:, :16] = 1
+    malicious = np.zeros((4, seq_len), np.float32)
+    malicious[:, :16] = rng.random((4, 16)) < 0.3
+    data = Packed(x, segment, malicious, np.zeros((4, seq_len, len(spec.tags)), np.float32))
+    trainer = Trainer(tmp_path, spec, ModelConfig(**cfg.model), cfg.train, total, int(cfg.seed))
+    first = trainer.evaluate_loss(data, batch_size)
+    for _ in range(100):  # 50 steps already take both losses below 5% of their start
+        trainer.train_epoch(data, 0, batch_size, 0)
+    last = trainer.evaluate_loss(data, batch_size)
+    assert last["val_lm"] < 0.3 * first["val_lm"] and last["val_risk"] < 0.3 * first["val_risk"]
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
 
 
 def _params(out: Path):
@@ -149,27 +243,22 @@ def _params(out: Path):
     return jax.tree_util.tree_leaves(nnx.state(m, nnx.Param))
 
 
-def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, cache):
-    from sandhop.agents.train_risk import run
-    whole = tmp_path / "whole"
-    run(compose(*TINY, f"out={whole}", "evaluate=false"))
-    part = tmp_path / "part"
-    with pytest.raises(KeyboardInterrupt):
-        run(compose(*TINY, f"out={part}", "evaluate=false", "train.stop_after_steps=3"))
-    resumed = run(compose(*TINY, f"out={part}", "evaluate=false"))
-    assert resumed["epoch"] == 2
-    for a, b in zip(_params(whole), _params(part)):
+def test_an_interrupted_run_resumes_where_it_stopped(runs):
+    part = runs.part
+    assert isinstance(runs.interrupted, KeyboardInterrupt)
+    assert "resuming" in runs.log and "at step 3 (" in runs.log  # where it stopped: mid-epoch 2
+    assert runs.resumed["epoch"] == 2
+    whole, resumed = _params(runs.whole), _params(part)
+    assert len(whole) == len(resumed) > 0
+    for a, b in zip(whole, resumed):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     rows = list(csv.DictReader(open(part / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"] and "val_loss" in rows[0]
     assert (part / "config.yaml").exists() and (part / "spec.json").exists()
 
 
-def test_training_evaluates_on_held_out_suites_and_novel(tmp_path, cache):
-    from sandhop.agents.train_risk import run
-    out = tmp_path / "run"
-    result = run(compose(*TINY, f"out={out}", "train.epochs=1", "dataset.splits.test=[requests]",
-                         "dataset.splits.val=[packaging]"))
+def test_training_evaluates_on_held_out_suites_and_novel(runs):
+    result, out = runs.evaluation, runs.whole
     assert set(result["splits"]) == {"val", "test", "novel"}
     for split in ("val", "test", "novel"):
         r = result["splits"][split]
@@ -181,10 +270,9 @@ def test_training_evaluates_on_held_out_suites_and_novel(tmp_path, cache):
     assert json.loads((out / "evaluation.json").read_text())["splits"]["test"]["episodes"] > 0
 
 
-def test_resuming_with_another_model_config_is_refused(tmp_path, cache):
+def test_resuming_with_another_model_config_is_refused(runs, tmp_path):
     from sandhop.agents.train_risk import TrainError, run
-    out = tmp_path / "run"
-    run(compose(*TINY, f"out={out}", "evaluate=false", "train.epochs=1"))
+    out = copy_run(runs.whole, tmp_path / "run")
     with pytest.raises(TrainError, match="another model config"):
         run(compose(*TINY, f"out={out}", "evaluate=false", "model.width=32"))
 
@@ -206,8 +294,9 @@ def test_adfa_experiment_and_the_score_command(tmp_path, cache, capsys):
         (data / rel).parent.mkdir(parents=True, exist_ok=True)
         (data / rel).write_text(text)
     out = tmp_path / "run"
+    # 4 epochs (8 steps): these attacks score far above every normal trace after one already
     result = run(compose("experiment=adfa_ld", "model=tiny", f"dataset.path={data}", f"out={out}",
-                         "train.epochs=25", "train.seq_len=32", "train.batch_size=4", "progress=false",
+                         "train.epochs=4", "train.seq_len=32", "train.batch_size=4", "progress=false",
                          "train.holdout=0.25", "train.warmup_steps=2", "train.lr=1e-2", "train.save_every_steps=0"))
     lm, stide = result["adfa_ld"]["lm"], result["adfa_ld"]["stide"]
     assert lm["n_normal"] == 6 and lm["n_attack"] == 3 and stide["n_attack"] == 3
@@ -275,11 +364,10 @@ def test_min_window_surprise():
         Scorer.from_json(json.dumps({**old, "window": 0}))
 
 
-def test_a_checkpoint_refuses_data_of_another_spec(tmp_path, cache, capsys):
-    from sandhop.agents.train_risk import TrainError, check_spec_file, load_run, run
+def test_a_checkpoint_refuses_data_of_another_spec(runs, tmp_path, capsys):
+    from sandhop.agents.train_risk import TrainError, check_spec_file, load_run
     from sandhop.cli import main
-    out = tmp_path / "run"
-    run(compose(*TINY, f"out={out}", "evaluate=false", "train.epochs=1"))
+    out = copy_run(runs.whole, tmp_path / "run")  # a copy: its spec.json is overwritten below
     other = FeatureSpec.fit(["x"], pieces=1)
     with pytest.raises(TrainError, match="trained on other data"):
         check_spec_file(out, other)

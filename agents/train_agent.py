@@ -1,0 +1,289 @@
+"""`sandhop-train-agent`: train the PPO sandbox manager on the JAX twin (a Hydra app,
+`configs/train_agent.yaml`).
+
+    sandhop-train-agent                                   # dataset=default, agent=ppo
+    sandhop-train-agent experiment=smoke                  # seconds: the small dataset, few updates
+    sandhop-train-agent env.risk.source=model env.risk.checkpoint=runs/risk/X
+    sandhop-train-agent agent.num_seeds=3                 # three seeds side by side in one jit
+    sandhop-train-agent out=runs/agent/a                  # again: resumes where it stopped
+    sandhop-train-agent -m agent.lr=1e-3,3e-4 seed=0,1    # a sweep (hparams_search=optuna, hydra/launcher=ray_local)
+
+The run folder holds `config.yaml` (resolved), `checkpoints/` (Orbax: every member's runner
+state — networks, optimiser, observation statistics, environments, keys — and, separately, the
+policy alone), `metrics.csv` and `metrics.parquet` (one row per member and chunk of updates,
+with the val evaluation where it ran) and `evaluation.json` (the greedy policy on the val split;
+its mean episodic return is the sweep objective).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sandhop.agents.ppo import (AgentError, PPOConfig, PPOPolicy, chunk_row, init_network, input_sizes,
+                                make_evaluate, make_train)
+from sandhop.envs.jax_env import JaxSandboxEnv
+from sandhop.envs.spec import EnvSpec
+
+
+class Trainer:
+    """Owns the members' runner state, the jitted chunk and the checkpoints of one run folder."""
+
+    def __init__(self, out: Path, config: PPOConfig, env: JaxSandboxEnv, seed: int) -> None:
+        import orbax.checkpoint as ocp
+        self.out, self.config, self.env = out, config, env
+        init, chunk = make_train(config, env)
+        hp = config.member_hparams()
+        self.hparams = {k: jnp.asarray(v) for k, v in hp.items()}
+        self.seeds = [seed + i // config.settings_per_seed for i in range(config.num_members)]
+        keys = jnp.stack([jax.random.PRNGKey(s) for s in self.seeds])
+        self._init = jax.jit(jax.vmap(init, in_axes=(0, 0, None)))
+        self._keys = keys
+        self.chunk = jax.jit(jax.vmap(chunk, in_axes=(0, 0, None)), donate_argnums=0)
+        self.runner = None
+        self.manager = ocp.CheckpointManager((out / "checkpoints").resolve(),
+                                             options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+    @property
+    def update(self) -> int:
+        return int(self.runner.update[0])
+
+    def start(self) -> bool:
+        """Restore the newest checkpoint (True) or initialise fresh members (False)."""
+        import orbax.checkpoint as ocp
+        step = self.manager.latest_step()
+        if step is None:
+            self.runner = self._init(self._keys, self.hparams, self.env.params)
+            return False
+        abstract = jax.eval_shape(self._init, self._keys, self.hparams, self.env.params)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(runner=ocp.args.StandardRestore(abstract)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AgentError(f"{self.out}: its checkpoint does not fit this agent/env config ({exc}); resume "
+                             "with the run's own settings (config.yaml) or use a new out=") from None
+        self.runner = restored["runner"]
+        return True
+
+    def save(self, meta: dict) -> None:
+        import orbax.checkpoint as ocp
+        policy = {"params": self.runner.params, "norm": self.runner.norm}
+        self.manager.save(self.update, args=ocp.args.Composite(
+            runner=ocp.args.StandardSave(self.runner), policy=ocp.args.StandardSave(policy),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+
+def member_names(config: PPOConfig, seeds: list[int]) -> list[dict]:
+    """Per member: its seed and the hyperparameters it trains with."""
+    hp = config.member_hparams()
+    return [{"member": i, "seed": s, **{k: float(f"{v[i]:.6g}") for k, v in hp.items()}} for i, s in enumerate(seeds)]
+
+
+def run(cfg: Any, out: Path | None = None) -> dict:
+    """Train (or resume) one run and evaluate it on val; returns the evaluation."""
+    import logging
+    from omegaconf import OmegaConf
+    for name in ("absl", "jax", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    use_compilation_cache()
+    out = Path(out or cfg.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    stored = out / "config.yaml"
+    if stored.exists():
+        before = OmegaConf.to_container(OmegaConf.load(stored), resolve=True)
+        changed = [k for k in ("agent", "env", "dataset", "seed") if before.get(k) != resolved.get(k)]
+        if changed:
+            raise AgentError(f"{out} holds a run with another {', '.join(changed)} config; resume with the same "
+                             "settings (see its config.yaml) or use a new out=")
+    stored.write_text(OmegaConf.to_yaml(resolved))
+    config = PPOConfig.from_config(cfg.agent)
+    spec = EnvSpec.from_config(cfg.env)
+    progress = bool(cfg.get("progress", True))
+    env = JaxSandboxEnv.from_episodes(_episodes("train", cfg, spec, progress), spec, progress=progress)
+    if config.train_max_steps:   # training only: evaluation replays whole tests
+        env.params = env.params.replace(max_steps=jnp.int32(config.train_max_steps))
+    want_eval = bool(cfg.get("evaluate", True)) or config.eval_every_chunks > 0
+    val_env = JaxSandboxEnv.from_episodes(_episodes("val", cfg, spec, progress), spec) if want_eval else None
+    trainer = Trainer(out, config, env, int(cfg.seed))
+    if trainer.start():
+        print(f"sandhop-train-agent: resuming {out} at update {trainer.update} of {config.num_updates}")
+    members = member_names(config, trainer.seeds)
+    evaluate = jax.jit(jax.vmap(make_evaluate(config, val_env), in_axes=(0, 0, None))) if val_env else None
+    metrics_csv = out / "metrics.csv"
+    _drop_rows_after(metrics_csv, trainer.update)
+    stop_after = cfg.get("stop_after_chunks")
+    from tqdm import tqdm
+    bar = tqdm(total=config.num_updates, initial=trainer.update, desc="training sandbox manager", unit="update",
+               disable=not progress)
+    chunks_done = 0
+    try:
+        while trainer.update < config.num_updates:
+            started = time.perf_counter()
+            trainer.runner, m = trainer.chunk(trainer.runner, trainer.hparams, env.params)
+            m = jax.device_get(m)
+            seconds = time.perf_counter() - started
+            chunk = trainer.update // config.chunk_updates
+            steps = config.chunk_updates * config.batch_size * config.num_members
+            rows = [{**member, "update": trainer.update, "timesteps": trainer.update * config.batch_size,
+                     "SPS": round(steps / seconds), "seconds": round(seconds, 3),
+                     **chunk_row({k: v[i] for k, v in m.items()})} for i, member in enumerate(members)]
+            if evaluate is not None and config.eval_every_chunks and chunk % config.eval_every_chunks == 0 \
+                    and trainer.update < config.num_updates:
+                for row, ev in zip(rows, _evaluate(evaluate, trainer.runner, val_env)):
+                    row.update({f"val_{k}": v for k, v in ev.items()})
+            _append_rows(metrics_csv, rows)
+            trainer.save({"update": trainer.update, "num_updates": config.num_updates, "members": members})
+            bar.update(config.chunk_updates)
+            bar.set_postfix(ret=f"{rows[0]['episodic_return']:.3f}", through=f"{rows[0]['attacks_through']:.2f}",
+                            broken=f"{rows[0]['tests_broken']:.3f}", SPS=rows[0]["SPS"])
+            chunks_done += 1
+            if stop_after is not None and chunks_done >= int(stop_after):
+                break
+    finally:
+        bar.close()
+    _write_parquet(metrics_csv)
+    result: dict = {"update": trainer.update, "num_updates": config.num_updates, "members": members}
+    if cfg.get("evaluate", True) and trainer.update >= config.num_updates:
+        val = _evaluate(evaluate, trainer.runner, val_env)
+        result["val"] = [{**m, **v} for m, v in zip(members, val)]
+        result["objective"] = float(np.mean([v["episodic_return"] for v in val]))
+        (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def use_compilation_cache() -> None:
+    """Keep compiled programs on disk: the jobs of a sweep differ in traced hyperparameters only,
+    so all but the first skip compilation (tens of seconds on two cores)."""
+    from sandhop.datasets.splits import cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _episodes(split: str, cfg: Any, spec: EnvSpec, progress: bool):
+    from sandhop.envs import data as envdata
+    return envdata.load(split, cfg.dataset, spec, progress=progress)
+
+
+def _evaluate(evaluate, runner, val_env: JaxSandboxEnv) -> list[dict]:
+    sums = jax.device_get(evaluate(runner.params, runner.norm, val_env.params))
+    keep = ("episodic_return", "attacks_through", "tests_broken", "benign_denied", "mean_tier", "hops_per_episode")
+    out = []
+    for i in range(len(sums["episodes"])):
+        row = chunk_row({**{k: v[i] for k, v in sums.items()}, **{k: np.nan for k in
+                          ("approx_kl", "clipfrac", "explained_variance", "policy_loss", "value_loss", "entropy")}})
+        out.append({k: row[k] for k in keep})
+    return out
+
+
+def _append_rows(path: Path, rows: list[dict]) -> None:
+    existing = list(csv.DictReader(path.open())) if path.exists() else []
+    fieldnames = list(dict.fromkeys([*(existing[0].keys() if existing else []), *(k for r in rows for k in r)]))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(existing + rows)
+
+
+def _drop_rows_after(path: Path, update: int) -> None:
+    """A resumed run repeats the chunks after its checkpoint: drop their earlier rows."""
+    if not path.exists():
+        return
+    rows = [r for r in csv.DictReader(path.open()) if int(r["update"]) <= update]
+    if rows:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.unlink()
+
+
+def _write_parquet(metrics_csv: Path) -> None:
+    if metrics_csv.exists():
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+        pq.write_table(pacsv.read_csv(metrics_csv), metrics_csv.with_suffix(".parquet"))
+
+
+# --------------------------------------------------------------------------- trained runs
+
+def run_folders(path: Path) -> list[Path]:
+    """`path` itself when it is a run folder, else every run folder below it (a multirun)."""
+    def is_run(p: Path) -> bool:
+        return (p / "config.yaml").exists() and (p / "checkpoints").is_dir()
+    if not path.exists():
+        raise AgentError(f"{path} does not exist; pass the out= folder of sandhop-train-agent (or a multirun folder)")
+    if is_run(path):
+        return [path]
+    runs = sorted((p for p in path.rglob("config.yaml") if is_run(p.parent)), key=lambda p: str(p))
+    if not runs:
+        raise AgentError(f"{path} holds no trained sandhop-train-agent run (a folder with config.yaml and "
+                         "checkpoints/); train one first: sandhop-train-agent out=DIR")
+    return [p.parent for p in runs]
+
+
+def load_run(run_dir: Path) -> list[PPOPolicy]:
+    """The newest checkpoint's policy of every member of one run folder."""
+    import orbax.checkpoint as ocp
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    config = PPOConfig.from_config(cfg.agent)
+    spec = EnvSpec.from_config(cfg.env)
+    manager = ocp.CheckpointManager((run_dir / "checkpoints").resolve())
+    step = manager.latest_step()
+    if step is None:
+        raise AgentError(f"{run_dir} has no checkpoint yet; train first (sandhop-train-agent out={run_dir})")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    members = meta["members"]
+    n_dense, _ = input_sizes(spec)
+    one = jax.eval_shape(lambda: {"params": init_network(jax.random.PRNGKey(0), spec, config.hidden),
+                                  "norm": {"mean": jnp.zeros(n_dense), "var": jnp.zeros(n_dense),
+                                           "count": jnp.float32(0)}})
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((len(members), *a.shape), a.dtype), one)
+    try:
+        policy = manager.restore(step, args=ocp.args.Composite(policy=ocp.args.StandardRestore(abstract)))["policy"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AgentError(f"{run_dir}: its checkpoint does not match its config.yaml ({exc}); retrain") from None
+    dataset = cfg.dataset.get("name", "default") if hasattr(cfg.dataset, "get") else str(cfg.dataset)
+    env_config = OmegaConf.to_container(cfg.env, resolve=True)
+    out = []
+    for i, member in enumerate(members):
+        take = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), policy)
+        hp = {k: v for k, v in member.items() if k not in ("member", "seed")}
+        name = "ppo" if len(members) == 1 or config.settings_per_seed == 1 else \
+            "ppo[" + ",".join(f"{k}={v:g}" for k, v in hp.items()) + "]"
+        out.append(PPOPolicy(take["params"], take["norm"], spec, config, name=name, seed=int(member["seed"]),
+                             env_config=env_config, dataset=dataset, run_dir=run_dir, hparams=hp))
+    return out
+
+
+def main() -> None:
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path="pkg://sandhop.configs", config_name="train_agent")
+    def app(cfg) -> float | None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        hc = HydraConfig.get()
+        out = Path(hc.runtime.output_dir) if hc.mode == RunMode.MULTIRUN else None
+        try:
+            result = run(cfg, out)
+        except AgentError as exc:
+            raise SystemExit(f"sandhop-train-agent: {exc}") from None
+        if "val" in result:
+            print(json.dumps({"objective": result["objective"], "val": result["val"]}, indent=2))
+        return result.get("objective")
+
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""PPO on the JAX twin (`sandhop.agents.ppo`, `sandhop-train-agent`): real training runs on the
+small dataset with tiny settings, checkpoints and resume, the numpy policy against the jitted
+one, GAE with terminated and truncated kept apart, and clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hydra import compose, initialize_config_module
+
+from sandhop.agents import ppo
+from sandhop.agents.evaluate_agent import replay
+from sandhop.agents.train_agent import load_run, run
+from sandhop.cli import main
+from sandhop.envs import data as envdata
+from sandhop.envs.jax_env import JaxSandboxEnv
+from sandhop.envs.sandbox_env import SandboxManagerEnv
+from sandhop.envs.spec import EnvSpec
+
+FIXED_METRICS = ("episodic_return", "SPS", "approx_kl", "clipfrac", "explained_variance", "attacks_through",
+                 "benign_denied", "tests_broken", "mean_tier")
+
+
+def config(*overrides: str):
+    with initialize_config_module("sandhop.configs", version_base="1.3"):
+        return compose("train_agent", overrides=["experiment=smoke", *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One smoke run (two seeds side by side) used by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("ppo") / "run"
+    run(config("agent.num_seeds=2", "agent.eval_every_chunks=2"), out)
+    return out
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_run_writes_metrics_checkpoints_and_its_val_evaluation(trained):
+    rows = read_csv(trained / "metrics.csv")
+    cfg = config()
+    chunks = ppo.PPOConfig.from_config(cfg.agent).num_chunks
+    assert len(rows) == 2 * chunks                      # one row per member and chunk
+    assert {r["seed"] for r in rows} == {"0", "1"}
+    for name in FIXED_METRICS:
+        assert name in rows[0]
+    assert all(0.0 <= float(r["attacks_through"]) <= 1.0 for r in rows if r["attacks_through"] != "nan")
+    assert any(r.get("val_episodic_return") for r in rows)   # evaluated between chunks
+    assert pq.read_table(trained / "metrics.parquet").num_rows == len(rows)
+    result = json.loads((trained / "evaluation.json").read_text())
+    assert [m["seed"] for m in result["val"]] == [0, 1]
+    assert result["objective"] == pytest.approx(np.mean([m["episodic_return"] for m in result["val"]]))
+    assert (trained / "config.yaml").exists() and any((trained / "checkpoints").iterdir())
+
+
+def test_seeds_train_side_by_side_as_separate_members(trained):
+    a, b = load_run(trained)
+    assert (a.seed, b.seed) == (0, 1)
+    assert not np.allclose(a.params["embed"]["table"], b.params["embed"]["table"])
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(trained, tmp_path):
+    out = tmp_path / "run"
+    run(config("agent.num_seeds=2", "agent.eval_every_chunks=2", "stop_after_chunks=1"), out)
+    assert len(read_csv(out / "metrics.csv")) == 2         # stopped after one chunk
+    assert not (out / "evaluation.json").exists()
+    run(config("agent.num_seeds=2", "agent.eval_every_chunks=2"), out)
+    # exactly the uninterrupted run: same parameters, same metrics
+    for resumed, whole in zip(load_run(out), load_run(trained)):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.params, whole.params)
+    drop = ("SPS", "seconds")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in read_csv(out / "metrics.csv")] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in read_csv(trained / "metrics.csv")]
+
+
+def test_resuming_with_other_settings_is_refused(trained):
+    with pytest.raises(ppo.AgentError, match="another agent config"):
+        run(config("agent.num_seeds=2", "agent.eval_every_chunks=2", "agent.hidden=8"), trained)
+
+
+def test_the_numpy_policy_acts_like_the_jitted_one_in_the_gymnasium_env(trained):
+    """The policy a user loads (numpy) replayed through the Gymnasium env and the real engine
+    gives the same per-split results as the jitted greedy evaluation on the twin."""
+    policy = load_run(trained)[0]
+    spec = EnvSpec.from_config(policy.env_config)
+    episodes = envdata.load("val", "small", spec)
+    twin = JaxSandboxEnv.from_episodes(episodes, spec)
+    params, norm = (jax.tree_util.tree_map(jnp.asarray, t) for t in (policy.params, policy.norm))
+    sums = jax.device_get(jax.jit(ppo.make_evaluate(policy.config, twin))(params, norm, twin.params))
+    gym = replay(policy, SandboxManagerEnv(episodes=episodes, env=policy.env_config))
+    assert gym["attacks_through"] == sums["through"]
+    assert gym["tests_broken"] == sums["broken"]
+    assert gym["steps"] == sums["steps"]
+    assert gym["episodic_return"] == pytest.approx(sums["return_sum"] / sums["episodes"], rel=1e-4)
+    # and the logits agree on real observations
+    env = SandboxManagerEnv(episodes=episodes, env=policy.env_config)
+    obs, _ = env.reset(options={"episode": 0})
+    jax_logits, _ = ppo.heads(jnp, params, ppo.normalize(jnp, norm, ppo.policy_inputs(
+        jnp, jax.tree_util.tree_map(jnp.asarray, obs), spec), True), jnp.asarray(obs["action_mask"]).astype(bool))
+    np.testing.assert_allclose(policy.logits(obs), np.asarray(jax_logits), rtol=1e-5, atol=1e-5)
+
+
+def test_sandhop_evaluate_replays_a_trained_run_beside_the_baselines(trained, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--policies", f"ppo:{trained},static:medium", "--split", "val", "--out", str(out)]) == 0
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    assert sorted((r["policy"], r["seed"]) for r in table) == [("ppo", 0), ("ppo", 1), ("static:medium", 0)]
+    assert "ppo" in (out / "results.md").read_text()
+
+
+def transition(reward, value, terminated=False, truncated=False, final_value=0.0) -> ppo.Transition:
+    f = jnp.float32
+    return ppo.Transition(None, None, None, None, f(value), f(reward), jnp.bool_(terminated), jnp.bool_(truncated),
+                          f(final_value))
+
+
+def stack(ts: list[ppo.Transition]) -> ppo.Transition:
+    return jax.tree_util.tree_map(lambda *x: jnp.stack(x)[:, None], *ts)
+
+
+def test_gae_bootstraps_truncated_tests_and_not_terminated_ones():
+    gamma, lam = 0.9, 1.0
+    # step 0 ends a test by termination, step 1 one by truncation (final value 5), step 2 runs on (next value 2)
+    traj = stack([transition(1.0, 0.5, terminated=True), transition(1.0, 0.5, truncated=True, final_value=5.0),
+                  transition(1.0, 0.5)])
+    advantages, targets = ppo.gae(traj, jnp.array([2.0]), gamma, lam)
+    np.testing.assert_allclose(np.asarray(targets)[:, 0], [1.0, 1.0 + gamma * 5.0, 1.0 + gamma * 2.0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(advantages)[:, 0], np.asarray(targets)[:, 0] - 0.5, rtol=1e-6)
+    # without an episode end, the advantage carries back
+    traj = stack([transition(0.0, 0.0), transition(1.0, 0.0)])
+    advantages, _ = ppo.gae(traj, jnp.array([0.0]), gamma, lam)
+    assert float(advantages[0, 0]) == pytest.approx(gamma * 1.0)
+
+
+def test_hyperparameters_vmap_as_members():
+    c = ppo.PPOConfig(num_seeds=2, lr=(1e-3, 3e-4), ent_coef=(0.0, 0.01))
+    hp = c.member_hparams()
+    assert c.num_members == 4
+    np.testing.assert_allclose(hp["lr"], [1e-3, 3e-4, 1e-3, 3e-4], rtol=1e-6)
+    np.testing.assert_allclose(hp["clip_eps"], [0.2] * 4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"num_envs": 6, "num_steps": 1, "num_minibatches": 4}, "equal minibatches"),
+    ({"lr": (1e-3, 3e-4), "ent_coef": (0.0, 0.1, 0.2)}, "same length"),
+    ({"num_envs": 0}, "num_envs must be >= 1"),
+])
+def test_bad_agent_settings_are_clear_errors(settings, message):
+    with pytest.raises(ppo.AgentError, match=message):
+        ppo.PPOConfig(**settings)
+
+
+def test_unknown_agent_setting_is_a_clear_error():
+    with pytest.raises(ppo.AgentError, match="unknown agent setting.*learning_rate"):
+        ppo.PPOConfig.from_config({"learning_rate": 1e-3})
+
+
+def test_loading_a_folder_without_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(ppo.AgentError, match="no trained sandhop-train-agent run"):
+        ppo.load_policies(tmp_path)
