@@ -19,18 +19,26 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# One XLA CPU device per core, so members (seeds) can run on separate cores: a single CPU device
+# runs a program on one core. Only where nothing imported JAX before (it reads the flag once).
+if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={len(os.sched_getaffinity(0))}").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from sandhop.agents.ppo import (AgentError, PPOConfig, PPOPolicy, chunk_row, init_network, input_sizes,
                                 make_evaluate, make_train)
-from sandhop.envs.jax_env import JaxSandboxEnv
-from sandhop.envs.spec import EnvSpec
+from sandhop.envs.jax_env import JaxSandboxEnv  # noqa: E402
+from sandhop.envs.spec import EnvSpec  # noqa: E402
 
 
 class Trainer:
@@ -46,7 +54,13 @@ class Trainer:
         keys = jnp.stack([jax.random.PRNGKey(s) for s in self.seeds])
         self._init = jax.jit(jax.vmap(init, in_axes=(0, 0, None)))
         self._keys = keys
-        self.chunk = jax.jit(jax.vmap(chunk, in_axes=(0, 0, None)), donate_argnums=0)
+        # Members split evenly over the CPU devices (pmap), vmapped within each.
+        n = jax.local_device_count()
+        self.devices = n if n > 1 and config.num_members % n == 0 else 1
+        if self.devices > 1:
+            self._chunk = jax.pmap(jax.vmap(chunk, in_axes=(0, 0, None)), in_axes=(0, 0, None), donate_argnums=0)
+        else:
+            self._chunk = jax.jit(jax.vmap(chunk, in_axes=(0, 0, None)), donate_argnums=0)
         self.runner = None
         self.manager = ocp.CheckpointManager((out / "checkpoints").resolve(),
                                              options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
@@ -54,6 +68,17 @@ class Trainer:
     @property
     def update(self) -> int:
         return int(self.runner.update[0])
+
+    def chunk(self, runner, hparams: dict, env_params):
+        """One jitted chunk of updates for every member: (runner, metrics), both [members, ...]."""
+        if self.devices == 1:
+            return self._chunk(runner, hparams, env_params)
+        d = self.devices
+        split = lambda a: a.reshape(d, a.shape[0] // d, *a.shape[1:])  # noqa: E731
+        merge = lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])  # noqa: E731
+        runner, metrics = self._chunk(jax.tree_util.tree_map(split, runner),
+                                      jax.tree_util.tree_map(split, hparams), env_params)
+        return jax.tree_util.tree_map(merge, runner), jax.tree_util.tree_map(merge, metrics)
 
     def start(self) -> bool:
         """Restore the newest checkpoint (True) or initialise fresh members (False)."""
@@ -73,9 +98,12 @@ class Trainer:
 
     def save(self, meta: dict) -> None:
         import orbax.checkpoint as ocp
-        policy = {"params": self.runner.params, "norm": self.runner.norm}
+        # On the host first: arrays merged from several devices would be saved with their
+        # sharding, and a machine with another device count could not restore them.
+        runner = jax.device_get(self.runner)
+        policy = {"params": runner.params, "norm": runner.norm}
         self.manager.save(self.update, args=ocp.args.Composite(
-            runner=ocp.args.StandardSave(self.runner), policy=ocp.args.StandardSave(policy),
+            runner=ocp.args.StandardSave(runner), policy=ocp.args.StandardSave(policy),
             meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
 

@@ -14,14 +14,15 @@ import json
 import os
 import time
 
-import jax
-import numpy as np
+from sandhop.agents.train_agent import Trainer, use_compilation_cache  # first: one XLA CPU device per core
 
-from sandhop.agents.ppo import PPOConfig
-from sandhop.agents.train_agent import Trainer, use_compilation_cache
-from sandhop.envs import data as envdata
-from sandhop.envs.jax_env import JaxSandboxEnv
-from sandhop.envs.spec import EnvSpec
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sandhop.agents.ppo import PPOConfig  # noqa: E402
+from sandhop.envs import data as envdata  # noqa: E402
+from sandhop.envs.jax_env import JaxSandboxEnv  # noqa: E402
+from sandhop.envs.spec import EnvSpec  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
     steps = config.chunk_updates * config.batch_size * config.num_members
     sps = [steps / t for t in times]
     result = {"bench": "ppo_throughput", "dataset": args.dataset, "cores": len(os.sched_getaffinity(0)),
-              "devices": jax.device_count(), "num_envs": config.num_envs, "num_steps": config.num_steps,
+              "devices": jax.device_count(), "member_devices": trainer.devices, "num_envs": config.num_envs, "num_steps": config.num_steps,
               "update_epochs": config.update_epochs, "num_minibatches": config.num_minibatches,
               "hidden": config.hidden, "members": config.num_members, "steps_per_chunk": steps,
               "first_call_s": round(compile_s, 2), "steps_per_s_median": round(float(np.median(sps))),

@@ -86,7 +86,7 @@ def test_defaults_compose_into_the_documented_values(monkeypatch):
     assert cfg.hydra.sweep.dir.startswith("runs/agent-multirun/")
     assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}"   # a folder per job
     assert cfg.hydra.job.chdir is False
-    assert PPOConfig.from_config(cfg.agent).num_members == 1
+    assert PPOConfig.from_config(cfg.agent).num_members == 2     # two seeds side by side
     build_parts(cfg)
 
 

@@ -83,6 +83,28 @@ def test_an_interrupted_run_resumes_where_it_stopped(trained, tmp_path):
         [{k: v for k, v in r.items() if k not in drop} for r in read_csv(trained / "metrics.csv")]
 
 
+def test_members_split_over_cpu_devices_train_as_they_do_on_one(trained, tmp_path):
+    """The app gives JAX one CPU device per core and splits the members over them (pmap): the
+    same members, the same training."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "sandhop.agents.train_agent", "experiment=smoke", "agent.num_seeds=2",
+                    "agent.eval_every_chunks=2", f"out={out}"], check=True, env=env, capture_output=True)
+    split, whole = load_run(out), load_run(trained)
+    assert [p.seed for p in split] == [p.seed for p in whole] == [0, 1]
+
+    def distance(a, b):
+        return sum(float(np.abs(x - y).max()) for x, y in zip(jax.tree_util.tree_leaves(a.params),
+                                                              jax.tree_util.tree_leaves(b.params)))
+    # other programs round differently, so not bit for bit; but each member is the same member
+    between_seeds = distance(whole[0], whole[1])
+    for s, w in zip(split, whole):
+        assert distance(s, w) < 0.1 * between_seeds
+
+
 def test_resuming_with_other_settings_is_refused(trained):
     with pytest.raises(ppo.AgentError, match="another agent config"):
         run(config("agent.num_seeds=2", "agent.eval_every_chunks=2", "agent.hidden=8"), trained)
@@ -151,7 +173,7 @@ def test_hyperparameters_vmap_as_members():
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"num_envs": 6, "num_steps": 1, "num_minibatches": 4}, "equal minibatches"),
+    ({"num_envs": 6, "num_steps": 1, "num_minibatches": 4}, "equal groups of environments"),
     ({"lr": (1e-3, 3e-4), "ent_coef": (0.0, 0.1, 0.2)}, "same length"),
     ({"num_envs": 0}, "num_envs must be >= 1"),
 ])

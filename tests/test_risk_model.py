@@ -69,10 +69,10 @@ def step(m: RiskModel, x: jax.Array, cache):
 @pytest.fixture(scope="module", autouse=True)
 def xla_cache(tmp_path_factory):
     """A persistent compilation cache for this module. Every `Trainer` (each run, each
-    `load_run`) and every `score_episodes` call jits fresh closures, so the same programs were
-    compiled again and again (about 80% of this module's time); with the cache a program of
-    the same HLO is loaded instead. Results are the same programs' results; the previous
-    settings come back afterwards."""
+    `load_run`) and every `score_episodes` call jits fresh closures, so in-process caching never
+    hits and the same programs were compiled again and again (compiling was about 80% of this
+    module's time); with this cache a program of the same HLO is loaded instead. It only saves
+    time: the programs and their results are the same. The previous settings come back after."""
     from jax.experimental.compilation_cache import compilation_cache as cc
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     before = {name: getattr(jax.config, name) for name in names}
@@ -180,8 +180,8 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache):
     """Tiny runs that the tests below only read (or copy before changing): `whole`, trained in
-    one go and evaluated; `part`, stopped after step 3 (mid-epoch: 2 steps an epoch) and then
-    resumed to the end."""
+    one go and evaluated; `part`, stopped after step 3 (mid-epoch: this data makes 2 steps an
+    epoch) and then resumed to the end."""
     from sandhop.agents.train_risk import run
     base = tmp_path_factory.mktemp("runs")
     whole, part = base / "whole", base / "part"
