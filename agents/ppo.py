@@ -246,15 +246,24 @@ def track(ep: Episode, info: dict, reward: jax.Array) -> tuple[Episode, Episode]
     return now, now
 
 
-def finished_stats(ep: Episode, done: jax.Array, attacked: jax.Array) -> dict:
-    """Sums over the episodes that ended this step (reduced on the device, divided later)."""
+# Per-step sums of the sandbox problem's results, added up on the device (`episode_row` divides).
+STEP_SUMS = ("episodes", "return_sum", "attacked", "through", "benign", "broken", "steps", "level_sum",
+             "benign_steps", "benign_denied", "hops")
+
+
+def step_stats(ep: Episode, info: dict, ended: jax.Array, attacked: jax.Array, live: jax.Array) -> dict:
+    """`STEP_SUMS` of one step over the environments that are `live`; `ep` holds the results
+    including this step, `ended` marks the episodes that ended with it."""
+    f = jnp.float32
+    benign_step = live & (info["malicious"] == 0)
     through = attacked & jnp.where(ep.settled, ep.through, ~ep.stopped)
-    d = done.astype(jnp.float32)
-    return {"episodes": d.sum(), "return_sum": (ep.ret * d).sum(),
-            "attacked": (attacked & done).sum().astype(jnp.float32),
-            "through": (through & done).sum().astype(jnp.float32),
-            "benign": (~attacked & done).sum().astype(jnp.float32),
-            "broken": (~attacked & ep.broken & done).sum().astype(jnp.float32)}
+    return {"episodes": ended.sum().astype(f), "return_sum": jnp.where(ended, ep.ret, 0.0).sum(),
+            "attacked": (attacked & ended).sum().astype(f), "through": (through & ended).sum().astype(f),
+            "benign": (~attacked & ended).sum().astype(f), "broken": (~attacked & ep.broken & ended).sum().astype(f),
+            "steps": live.sum().astype(f), "level_sum": jnp.where(live, info["level"], 0).sum().astype(f),
+            "benign_steps": benign_step.sum().astype(f),
+            "benign_denied": (benign_step & (info["effect"] == 2)).sum().astype(f),
+            "hops": (live & info["hopped"]).sum().astype(f)}
 
 
 # --------------------------------------------------------------------------- training
@@ -304,7 +313,7 @@ def make_optimizer(config: PPOConfig) -> optax.GradientTransformation:
 
 
 def make_train(config: PPOConfig, env: JaxSandboxEnv):
-    """`init(key, hparams) -> Runner` and `train_chunk(runner, hparams, env_params) -> (runner,
+    """`init(key, env_params) -> Runner` and `train_chunk(runner, hparams, env_params) -> (runner,
     metrics)` for one member; vmap both over members (see `Trainer`)."""
     spec: EnvSpec = env.spec
     n_dense, _ = input_sizes(spec)
@@ -326,7 +335,7 @@ def make_train(config: PPOConfig, env: JaxSandboxEnv):
         u = jax.random.uniform(key, logits.shape[:-1] + (1,))
         return jnp.minimum((jnp.cumsum(probs, -1) < u).sum(-1), logits.shape[-1] - 1)
 
-    def init(key: jax.Array, hparams: dict, env_params: EnvParams) -> Runner:
+    def init(key: jax.Array, env_params: EnvParams) -> Runner:
         k_net, k_env, key = jax.random.split(key, 3)
         params = init_network(k_net, spec, config.hidden, config.stay_bias)
         obs, env_state = v_reset(jax.random.split(k_env, num_envs), env_params)
@@ -337,7 +346,7 @@ def make_train(config: PPOConfig, env: JaxSandboxEnv):
         return Runner(params, optimizer.init(params), norm, env_state, obs, Episode.zeros(num_envs), key,
                       jnp.int32(0))
 
-    def rollout(runner: Runner, hp: dict, env_params: EnvParams):
+    def rollout(runner: Runner, env_params: EnvParams):
         def env_step(carry, _):
             params, norm, env_state, obs, ep, key = carry
             key, k_act = jax.random.split(key)
@@ -356,11 +365,7 @@ def make_train(config: PPOConfig, env: JaxSandboxEnv):
             done = terminated | truncated
             attacked = env_params.attacked[env_state.episode]
             now, ep = track(ep, info, reward)
-            stats = finished_stats(now, done, attacked)
-            stats.update(steps=jnp.float32(num_envs), level_sum=info["level"].sum().astype(jnp.float32),
-                         benign_steps=(info["malicious"] == 0).sum().astype(jnp.float32),
-                         benign_denied=((info["malicious"] == 0) & (info["effect"] == 2)).sum().astype(jnp.float32),
-                         hops=info["hopped"].sum().astype(jnp.float32))
+            stats = step_stats(now, info, done, attacked, jnp.ones_like(done))
             ep = jax.tree_util.tree_map(lambda fresh, cur: jnp.where(done, fresh, cur), Episode.zeros(num_envs), ep)
             next_obs, next_state = v_autoreset(next_state, done, env_params)
             transition = Transition(raw, mask, action, log_prob, v, reward, terminated, truncated, final_value)
@@ -389,7 +394,7 @@ def make_train(config: PPOConfig, env: JaxSandboxEnv):
                        "clipfrac": (jnp.abs(ratio - 1) > hp["clip_eps"]).mean()}
 
     def update(runner: Runner, hp: dict, env_params: EnvParams):
-        runner, traj, stats = rollout(runner, hp, env_params)
+        runner, traj, stats = rollout(runner, env_params)
         last_value = heads(jnp, runner.params, normalize(jnp, runner.norm, inputs_of(runner.obs), use_norm),
                            runner.obs["action_mask"].astype(bool))[1]
         advantages, targets = gae(traj, last_value, hp["gamma"], hp["gae_lambda"])
@@ -428,28 +433,28 @@ def make_train(config: PPOConfig, env: JaxSandboxEnv):
         def body(runner, _):
             return update(runner, hp, env_params)
         runner, metrics = jax.lax.scan(body, runner, None, config.chunk_updates)
-        sums = ("episodes", "return_sum", "attacked", "through", "benign", "broken", "steps", "level_sum",
-                "benign_steps", "benign_denied", "hops")
-        return runner, {k: (v.sum() if k in sums else v.mean()) for k, v in metrics.items()}
+        return runner, {k: (v.sum() if k in STEP_SUMS else v.mean()) for k, v in metrics.items()}
 
     return init, train_chunk
 
 
-def chunk_row(m: dict) -> dict:
-    """The fixed metric names of one chunk, from the on-device sums of `train_chunk`."""
+def episode_row(m: dict) -> dict:
+    """The sandbox problem's figures from `STEP_SUMS` (of a chunk, or of an evaluation)."""
     def ratio(a, b):
         return float(a) / float(b) if float(b) > 0 else float("nan")
     return {"episodic_return": ratio(m["return_sum"], m["episodes"]),
-            "approx_kl": float(m["approx_kl"]), "clipfrac": float(m["clipfrac"]),
-            "explained_variance": float(m["explained_variance"]),
             "attacks_through": ratio(m["through"], m["attacked"]),
             "benign_denied": ratio(m["benign_denied"], m["benign_steps"]),
             "tests_broken": ratio(m["broken"], m["benign"]),
             "mean_tier": ratio(m["level_sum"], m["steps"]),
             "hops_per_episode": ratio(m["hops"], m["episodes"]),
-            "episodes": int(m["episodes"]),
-            "policy_loss": float(m["policy_loss"]), "value_loss": float(m["value_loss"]),
-            "entropy": float(m["entropy"])}
+            "episodes": int(m["episodes"])}
+
+
+def chunk_row(m: dict) -> dict:
+    """The fixed metric names of one chunk, from the on-device reductions of `train_chunk`."""
+    return {**episode_row(m), **{k: float(m[k]) for k in ("approx_kl", "clipfrac", "explained_variance",
+                                                          "policy_loss", "value_loss", "entropy")}}
 
 
 # --------------------------------------------------------------------------- greedy evaluation on the twin
@@ -466,8 +471,7 @@ def make_evaluate(config: PPOConfig, env: JaxSandboxEnv):
     def evaluate(params: dict, norm: dict, env_params: EnvParams):
         obs, state = v_reset_to(jnp.arange(n_episodes), env_params)
         attacked = env_params.attacked
-        zeros = {k: jnp.float32(0) for k in ("episodes", "return_sum", "attacked", "through", "benign", "broken",
-                                             "steps", "level_sum", "benign_steps", "benign_denied", "hops")}
+        zeros = {k: jnp.float32(0) for k in STEP_SUMS}
 
         def cond(carry):
             return ~carry[3].all()
@@ -482,13 +486,7 @@ def make_evaluate(config: PPOConfig, env: JaxSandboxEnv):
             now, _ = track(ep, info, reward)
             ep = jax.tree_util.tree_map(lambda a, b: jnp.where(live, a, b), now, ep)
             ended = live & (terminated | truncated)
-            stats = finished_stats(ep, ended, attacked)
-            stats.update(steps=live.sum().astype(jnp.float32),
-                         level_sum=jnp.where(live, info["level"], 0).sum().astype(jnp.float32),
-                         benign_steps=(live & (info["malicious"] == 0)).sum().astype(jnp.float32),
-                         benign_denied=(live & (info["malicious"] == 0) & (info["effect"] == 2)).sum()
-                         .astype(jnp.float32),
-                         hops=(live & info["hopped"]).sum().astype(jnp.float32))
+            stats = step_stats(ep, info, ended, attacked, live)
             sums = {k: sums[k] + stats[k] for k in sums}
             return obs, state, ep, done | ended, sums
 

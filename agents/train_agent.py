@@ -35,8 +35,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sandhop.agents.ppo import (AgentError, PPOConfig, PPOPolicy, chunk_row, init_network, input_sizes,
-                                make_evaluate, make_train)
+from sandhop.agents.ppo import (AgentError, PPOConfig, PPOPolicy, chunk_row, episode_row, init_network,
+                                input_sizes, make_evaluate, make_train)
 from sandhop.envs.jax_env import JaxSandboxEnv  # noqa: E402
 from sandhop.envs.spec import EnvSpec  # noqa: E402
 
@@ -52,7 +52,7 @@ class Trainer:
         self.hparams = {k: jnp.asarray(v) for k, v in hp.items()}
         self.seeds = [seed + i // config.settings_per_seed for i in range(config.num_members)]
         keys = jnp.stack([jax.random.PRNGKey(s) for s in self.seeds])
-        self._init = jax.jit(jax.vmap(init, in_axes=(0, 0, None)))
+        self._init = jax.jit(jax.vmap(init, in_axes=(0, None)))
         self._keys = keys
         # Members split evenly over the CPU devices (pmap), vmapped within each.
         n = jax.local_device_count()
@@ -85,9 +85,9 @@ class Trainer:
         import orbax.checkpoint as ocp
         step = self.manager.latest_step()
         if step is None:
-            self.runner = self._init(self._keys, self.hparams, self.env.params)
+            self.runner = self._init(self._keys, self.env.params)
             return False
-        abstract = jax.eval_shape(self._init, self._keys, self.hparams, self.env.params)
+        abstract = jax.eval_shape(self._init, self._keys, self.env.params)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(runner=ocp.args.StandardRestore(abstract)))
         except (ValueError, KeyError, TypeError) as exc:
@@ -201,14 +201,9 @@ def _episodes(split: str, cfg: Any, spec: EnvSpec, progress: bool):
 
 
 def _evaluate(evaluate, runner, val_env: JaxSandboxEnv) -> list[dict]:
+    """The greedy policy of every member on the whole val split (the twin)."""
     sums = jax.device_get(evaluate(runner.params, runner.norm, val_env.params))
-    keep = ("episodic_return", "attacks_through", "tests_broken", "benign_denied", "mean_tier", "hops_per_episode")
-    out = []
-    for i in range(len(sums["episodes"])):
-        row = chunk_row({**{k: v[i] for k, v in sums.items()}, **{k: np.nan for k in
-                          ("approx_kl", "clipfrac", "explained_variance", "policy_loss", "value_loss", "entropy")}})
-        out.append({k: row[k] for k in keep})
-    return out
+    return [episode_row({k: v[i] for k, v in sums.items()}) for i in range(len(sums["episodes"]))]
 
 
 def _append_rows(path: Path, rows: list[dict]) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
+from pathlib import Path
 
 from sandhop.agents.train_agent import Trainer, use_compilation_cache  # first: one XLA CPU device per core
 
@@ -38,9 +40,8 @@ def main() -> None:
     config = PPOConfig.from_config(cfg.agent)
     spec = EnvSpec.from_config(cfg.env)
     env = JaxSandboxEnv.from_episodes(envdata.load("train", cfg.dataset, spec), spec)
-    import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(__import__("pathlib").Path(tmp), config, env, 0)
+        trainer = Trainer(Path(tmp), config, env, 0)
         trainer.start()
         t0 = time.perf_counter()
         trainer.runner, m = trainer.chunk(trainer.runner, trainer.hparams, env.params)
