@@ -19,6 +19,7 @@ import json
 import math
 import zlib
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -100,13 +101,25 @@ class FeatureSpec:
                                "checkpoint's spec, or retrain")
 
     # ---- encoding
+    @cached_property
+    def _index(self) -> tuple[dict, dict, dict, dict]:
+        return ({c: i + 1 for i, c in enumerate(self.categories)}, {c: i + 1 for i, c in enumerate(self.target_classes)},
+                {p: i + 1 for i, p in enumerate(self.phases)}, {o: i + 2 for i, o in enumerate(self.ops)})
+
+    def _fill(self, out: np.ndarray, cat: str, op: str, target: str, cls: str, phase: str, where: str) -> None:
+        cat_ix, cls_ix, ph_ix, op_ix = self._index
+        try:
+            out[0], out[2], out[3] = cat_ix[cat], cls_ix[cls], ph_ix[phase]
+        except KeyError as exc:
+            raise FeatureError(f"{where}: {exc.args[0]!r} is not in the spec's vocabulary "
+                               "(an event model newer than the spec): retrain with this sandhop") from None
+        out[1] = op_ix.get(op, UNK)
+        for j, piece in enumerate(target_pieces(cat, target)[: self.pieces]):
+            out[N_FIXED + j] = 1 + zlib.crc32(piece.encode("utf-8", "backslashreplace")) % (self.piece_buckets - 1)
+
     def encode(self, events: Mapping[str, Sequence]) -> np.ndarray:
         """Integer features [n, width] of events given as columns (category, op, target,
         target_class, phase, t_ns), in order. The first event's time delta is bucket 0."""
-        cat_ix = {c: i + 1 for i, c in enumerate(self.categories)}
-        cls_ix = {c: i + 1 for i, c in enumerate(self.target_classes)}
-        ph_ix = {p: i + 1 for i, p in enumerate(self.phases)}
-        op_ix = {o: i + 2 for i, o in enumerate(self.ops)}
         n = len(events["category"])
         out = np.zeros((n, self.width), dtype=np.int32)
         t = np.asarray(events["t_ns"], dtype=np.int64)
@@ -114,14 +127,14 @@ class FeatureSpec:
         out[:, 4] = dt_bucket(dt, self.dt_buckets)
         for i, (cat, op, target, cls, phase) in enumerate(zip(
                 events["category"], events["op"], events["target"], events["target_class"], events["phase"])):
-            try:
-                out[i, 0], out[i, 2], out[i, 3] = cat_ix[cat], cls_ix[cls], ph_ix[phase]
-            except KeyError as exc:
-                raise FeatureError(f"event {i}: {exc.args[0]!r} is not in the spec's vocabulary "
-                                   "(an event model newer than the spec): retrain with this sandhop") from None
-            out[i, 1] = op_ix.get(op, UNK)
-            for j, piece in enumerate(target_pieces(cat, target)[: self.pieces]):
-                out[i, N_FIXED + j] = 1 + zlib.crc32(piece.encode("utf-8", "backslashreplace")) % (self.piece_buckets - 1)
+            self._fill(out[i], cat, op, target, cls, phase, f"event {i}")
+        return out
+
+    def encode_event(self, category: str, op: str, target: str, target_class: str, phase: str) -> np.ndarray:
+        """One event's features [width] without its time delta (column 4 is 0): what the runtime
+        encodes as events happen, and may cache (the same operation recurs)."""
+        out = np.zeros(self.width, dtype=np.int32)
+        self._fill(out, category, op, target, target_class, phase, "event")
         return out
 
     def tag_matrix(self, tags: Sequence[Sequence[str]]) -> np.ndarray:

@@ -14,7 +14,8 @@ members along a leading axis (`vmap`); and episode-level results of the sandbox 
 (attacks let through, tests broken, tier) are tracked per environment on the device.
 
 The networks are plain dense layers over a params pytree, written once for numpy and
-`jax.numpy` (`forward(xp, ...)`), so the trained policy runs without JAX (`PPOPolicy`).
+`jax.numpy` (`sandhop.agents.network`), so the trained policy runs without JAX (`PPOPolicy`, and
+the runtime enforcer).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sandhop.agents.network import Inputs, heads, input_sizes, normalize, policy_inputs
 from sandhop.envs.jax_env import EnvParams, EnvState, JaxSandboxEnv
-from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, TARGET_CLASSES
-from sandhop.envs.spec import N_TIERS, EnvSpec, plain_config
+from sandhop.envs.spec import EnvSpec, plain_config
 
 # Hyperparameters that may differ between members of one jit (a list in the config: one value per member).
 MEMBER_HPARAMS = ("lr", "ent_coef", "clip_eps", "vf_coef", "gamma", "gae_lambda")
@@ -139,36 +140,6 @@ class PPOConfig:
 
 # --------------------------------------------------------------------------- networks (numpy or jax.numpy)
 
-class Inputs(NamedTuple):
-    """A policy's view of an observation: the dense part (risk, tags, recent counts, progress,
-    and per category whether it is granted or revoked) and one row index per categorical part
-    (category, target class, tier) into one embedding table. Gathering three rows costs a
-    fraction of the one-hot matmul they equal (86 columns); the permissions stay dense, as 18
-    more gathers per step cost three times the whole rest of a minibatch's gradient on a CPU."""
-
-    dense: Any   # float32 [..., D]
-    index: Any   # int32 [..., 3]
-
-
-def input_sizes(spec: EnvSpec) -> tuple[int, int]:
-    """(dense inputs, rows of the embedding table)."""
-    return 1 + len(INFERRED_TAGS) + 2 + 1 + 2 * spec.n_categories, len(CATEGORIES) + len(TARGET_CLASSES) + N_TIERS
-
-
-def policy_inputs(xp, obs: dict, spec: EnvSpec) -> Inputs:
-    permissions = obs["permissions"]
-    dense = xp.concatenate([obs["risk"].astype(xp.float32), obs["tags"].astype(xp.float32),
-                            obs["recent"].astype(xp.float32) / xp.float32(spec.recent_window),
-                            obs["progress"].astype(xp.float32),
-                            (permissions == 1).astype(xp.float32), (permissions == 2).astype(xp.float32)], axis=-1)
-    o_class = len(CATEGORIES)
-    o_tier = o_class + len(TARGET_CLASSES)
-    index = xp.stack([xp.asarray(obs["category"]).astype(xp.int32),
-                      xp.asarray(obs["target_class"]).astype(xp.int32) + o_class,
-                      xp.asarray(obs["tier"]).astype(xp.int32) + o_tier], axis=-1)
-    return Inputs(dense, index)
-
-
 def init_network(key: jax.Array, spec: EnvSpec, hidden: int, stay_bias: float = 0.0) -> dict:
     """An embedding layer shared by actor and critic, then one tanh layer and a head each;
     orthogonal init (small for the policy head). `stay_bias` starts the policy mostly staying:
@@ -186,25 +157,6 @@ def init_network(key: jax.Array, spec: EnvSpec, hidden: int, stay_bias: float = 
                       {**dense(k[3], hidden, spec.n_actions, 0.01),
                        "b": jnp.zeros((spec.n_actions,), jnp.float32).at[0].set(stay_bias)}],
             "critic": [dense(k[4], hidden, hidden, s2), dense(k[5], hidden, 1, 1.0)]}
-
-
-def heads(xp, params: dict, inputs: Inputs, mask):
-    """(masked policy logits, value). Invalid actions get a large negative logit (not -inf: no
-    NaN in the entropy)."""
-    e = params["embed"]
-    h = xp.tanh(inputs.dense @ e["w"] + e["b"] + e["table"][inputs.index].sum(axis=-2))
-    a, c = params["actor"], params["critic"]
-    logits = xp.tanh(h @ a[0]["w"] + a[0]["b"]) @ a[1]["w"] + a[1]["b"]
-    v = (xp.tanh(h @ c[0]["w"] + c[0]["b"]) @ c[1]["w"] + c[1]["b"])[..., 0]
-    return xp.where(mask, logits, xp.float32(-1e9)), v
-
-
-def normalize(xp, norm: dict, inputs: Inputs, enabled: bool) -> Inputs:
-    """The continuous inputs scaled by running statistics (the categorical ones need none)."""
-    if not enabled:
-        return inputs
-    x = xp.clip((inputs.dense - norm["mean"]) / xp.sqrt(norm["var"] + xp.float32(1e-8)), -10.0, 10.0)
-    return Inputs(x.astype(xp.float32), inputs.index)
 
 
 def update_normalizer(norm: dict, batch: jax.Array) -> dict:

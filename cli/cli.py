@@ -106,6 +106,34 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                             env_overrides=args.env, progress=sys.stderr.isatty())
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from sandhop.agents.export import export, describe
+    out = export(args.risk, args.agent, args.out, member=args.member, force=args.force)
+    print(describe(out))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from sandhop.enforcement.runtime import Artifact, ArtifactError
+    pytest_args = list(args.pytest_args)
+    if pytest_args[:1] == ["--"]:
+        pytest_args = pytest_args[1:]
+    extra = []
+    try:
+        Artifact.load(args.artifact)  # fail before pytest starts, with the same message
+    except ArtifactError as exc:
+        if not args.fallback_tier:
+            print(f"sandhop run: {exc}. Nothing was run (fail closed); to run a static tier instead, pass "
+                  "--fallback-tier TIER", file=sys.stderr)
+            return 2
+        extra = [f"--sandhop-fallback-tier={args.fallback_tier}"]
+    cmd = [sys.executable, "-m", "pytest", f"--sandhop-enforce={args.artifact}", f"--sandhop-mode={args.mode}",
+           *extra, *([f"--sandhop-audit-log={args.audit_log}"] if args.audit_log else []), *pytest_args]
+    return subprocess.call(cmd)
+
+
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from sandhop.enforcement import audit
     key = _audit_key(args)
@@ -215,6 +243,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="env setting, e.g. risk.source=model (default: the PPO runs' env config)")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a trained risk model and sandbox manager as a runtime artifact "
+                                      "(manifest.json + safetensors) for pytest --sandhop-enforce")
+    p.add_argument("--risk", required=True, metavar="RUN_DIR", help="a sandhop-train-risk out= folder")
+    p.add_argument("--agent", required=True, metavar="RUN_DIR",
+                   help="a sandhop-train-agent out= folder trained on that risk model's scores")
+    p.add_argument("--out", required=True, metavar="ARTIFACT_DIR")
+    p.add_argument("--member", type=int, default=None,
+                   help="which member (seed) of the agent run (default: the best on val)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("run", help="run pytest under an exported artifact: sandhop run ARTIFACT_DIR -- [pytest args]")
+    p.add_argument("artifact", metavar="ARTIFACT_DIR")
+    p.add_argument("--mode", choices=("enforce", "audit"), default="enforce",
+                   help="enforce: deny and fail the test; audit: allow, record what would be denied")
+    p.add_argument("--audit-log", metavar="PATH", default=None, help="hash-chained audit log of the run")
+    p.add_argument("--fallback-tier", metavar="TIER", default=None,
+                   help="if the artifact cannot be used, run this static tier instead (and say so)")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="arguments for pytest, after --")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("audit", help="verify audit logs of enforced runs, or export their decisions")
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)

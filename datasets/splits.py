@@ -34,6 +34,7 @@ from sandhop import __version__
 from sandhop.datasets import scenarios as lib
 from sandhop.datasets.inject import InjectConfig, InjectSummary, inject, library_fingerprint
 from sandhop.datasets.traces import TraceError, read_traces, write_trace
+from sandhop.enforcement.runtime import sha256_file
 
 FORMAT = 1
 SPLITS: tuple[str, ...] = ("train", "val", "test", "novel")
@@ -156,15 +157,15 @@ def key(cfg: SplitConfig, traces: Path) -> str:
 
 def _sources(traces: Path) -> dict[str, str]:
     files = [traces] if traces.is_file() else sorted(traces.glob("suite=*/run-*.parquet"))
-    return {str(p.relative_to(traces) if p != traces else p.name): _sha256(p) for p in files}
+    return {str(p.relative_to(traces) if p != traces else p.name): sha256_file(p) for p in files}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def replace_folder(tmp: Path, root: Path) -> None:
+    """Put a folder built aside in place of `root` (whole or not at all for readers)."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, root)
 
 
 def cache_dir() -> Path:
@@ -226,10 +227,7 @@ def build(cfg: SplitConfig | Any, root: str | Path | None = None, *, force: bool
             bar.update(1)
         bar.close()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, root)
+        replace_folder(tmp, root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -167,10 +167,16 @@ class BrowserGuard:
         test's trace nor a violation of the test when refused (see `EgressProxy.refused`)."""
         cls = self.observe(category, op, target, detail) if attribute else ev.target_class(category, target, detail)
         if self.guard is not None:
-            d = self.guard.decide(category, target, cls) if self.guard.enforcing() else _ALLOW
+            said = None
+            if not self.guard.enforcing():
+                d = _ALLOW
+            elif attribute:  # the test's own request: the learned manager (if any) sees it first
+                d, said = self.guard.decide_event(category, op, target, cls)
+            else:
+                d = self.guard.decide(category, target, cls)
             if d.effect != "allow":
                 if attribute:
-                    self.guard.record(category, op, target, detail, cls, d)
+                    self.guard.record(category, op, target, detail, cls, d, said)
                 if self.guard.mode == "audit":
                     d = _ALLOW  # audit mode records what would be denied and blocks nothing
             return d
@@ -240,7 +246,11 @@ class BrowserGuard:
                 count, how = int(item.get("count", 1)), str(item.get("how", ""))[:16]
             except (KeyError, TypeError, ValueError):
                 continue  # page script can call the binding too: ignore what is not a report
-            self.observe("dom.mutation", op, target, json.dumps({"count": count, "how": how, "page": page_url[:512]}))
+            detail = json.dumps({"count": count, "how": how, "page": page_url[:512]})
+            cls = self.observe("dom.mutation", op, target, detail)
+            if self.guard is not None and self.guard.manager is not None and self.guard.enforcing():
+                # observe-only, but an event of the test's stream: the manager scores it and may act
+                self.guard.decide_event("dom.mutation", op, target, cls)
 
 
 _ALLOW = Decision("allow", "browser:unguarded", "no sandhop guard in this process")

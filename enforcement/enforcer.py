@@ -30,9 +30,16 @@ from sandhop.enforcement.tracer import ENV_GUARD, Tracer
 
 
 class Enforcer:
-    def __init__(self, policy: str, *, mode: str = "enforce", audit_log: str | None = None,
-                 allow_degraded: bool = False, basetemp: str | None = None) -> None:
+    def __init__(self, policy: str | None, *, mode: str = "enforce", audit_log: str | None = None,
+                 allow_degraded: bool = False, basetemp: str | None = None, artifact: str | None = None,
+                 fallback_tier: str | None = None) -> None:
         self.policy = policy
+        self.artifact_path = artifact
+        self.fallback_tier = fallback_tier
+        self.artifact = None
+        self.manager = None
+        self.fallback_note: str | None = None
+        self.managed = {"actions": 0, "episodes": 0, "events": 0}
         # A --basetemp outside the system temp folder is still the tests' temp folder.
         self.runner_grants = (f"fs.* {literal_glob(os.path.realpath(basetemp))}/**",) if basetemp else ()
         self.mode = mode
@@ -62,13 +69,16 @@ class Enforcer:
         else:
             tracer._own = tracer._own + (os.path.realpath(self.run_dir),)
         self.tracer = tracer
+        engine = PolicyEngine(tracer.roots)
+        if self.artifact_path:
+            self._load_artifact(engine)
         try:
-            engine = PolicyEngine(tracer.roots)
             spec = GuardSpec(policy=self.policy, grants=self.runner_grants, mode=self.mode,
                              violations=str(self.violations_path), run_id=self.run_id)
             self.guard = Guard(tracer, engine, spec)
         except PolicyError as exc:
-            raise pytest.UsageError(f"--sandhop-policy {self.policy}: {exc}") from None
+            option = "--sandhop-fallback-tier" if self.fallback_note else "--sandhop-policy"
+            raise pytest.UsageError(f"{option} {self.policy}: {exc}") from None
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
         self.engine = engine
@@ -81,7 +91,11 @@ class Enforcer:
             os.environ.pop("SANDHOP_AUDIT_KEY", None)
             self.audit.append({"kind": "session", "event": "start", "run_id": self.run_id,
                                "policy": self.policy, "mode": self.mode, "pid": os.getpid(),
-                               "t": time.time()})
+                               "t": time.time(), **self._artifact_summary()})
+        if self.artifact is not None:
+            from sandhop.enforcement.runtime import Manager
+            self.manager = Manager(self.artifact, engine)
+            self.guard.use_manager(self.manager, self._config_changed)
         self.guard.install()
         try:
             self.guard.selftest()
@@ -94,6 +108,40 @@ class Enforcer:
         from sandhop.enforcement import guard as guard_module
         guard_module._real_atexit_register(self._at_exit)
         return tracer
+
+    def _load_artifact(self, engine: PolicyEngine) -> None:
+        """Verify the artifact before anything is enforced; a problem stops the run unless a
+        static fallback tier was asked for explicitly."""
+        from sandhop.enforcement.runtime import Artifact, ArtifactError
+        try:
+            self.artifact = Artifact.load(self.artifact_path, engine)
+        except ArtifactError as exc:
+            if not self.fallback_tier:
+                raise pytest.UsageError(f"--sandhop-enforce {self.artifact_path}: {exc}. The run does not start "
+                                        "(fail closed); to run a static tier instead, pass "
+                                        "--sandhop-fallback-tier TIER") from None
+            self.policy = self.fallback_tier
+            self.fallback_note = (f"the artifact {self.artifact_path} cannot be used ({exc}); running the static "
+                                  f"tier {self.fallback_tier} instead (--sandhop-fallback-tier)")
+            import sys
+            sys.stderr.write(f"sandhop: {self.fallback_note}\n")
+            return
+        self.policy = self.artifact.base_tier
+
+    def _artifact_summary(self) -> dict:
+        if self.artifact is not None:
+            from sandhop.enforcement.runtime import MANIFEST, sha256_file
+            return {"artifact": str(self.artifact.root),
+                    "artifact_manifest_sha256": sha256_file(self.artifact.root / MANIFEST)}
+        if self.fallback_note:
+            return {"artifact": str(self.artifact_path), "fallback": self.fallback_note}
+        return {}
+
+    def _config_changed(self, config: SandboxConfig) -> None:
+        """The manager changed the running config: child processes started from now on get it."""
+        spec = GuardSpec(policy=config.tier, grants=config.grants, revocations=config.revocations,
+                         mode=self.mode, violations=str(self.violations_path), run_id=self.run_id)
+        self._set_child_spec(spec.to_json() if config is not self.guard.base else self._base_json)
 
     # ----------------------------------------------------------------- per test
     def config_for(self, item: pytest.Item) -> SandboxConfig:
@@ -193,8 +241,7 @@ class Enforcer:
         if not records:
             return
         denies = [r for r in records if r.get("decision") == "deny"]
-        lines = [f"{r['decision']:8} {r['category']} {r['target']}  [{r['rule']}]" + (
-            f"\n         {r.get('fix')}" if r.get("fix") else "") for r in records]
+        lines = [_report_line(r) for r in records]
         report.sections.append((f"sandhop {self.mode}", "\n".join(lines)))
         if self.mode == "enforce" and denies and report.passed:
             report.outcome = "failed"
@@ -226,8 +273,16 @@ class Enforcer:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            self.totals[rec.get("decision", "deny")] = self.totals.get(rec.get("decision", "deny"), 0) + 1
-            self._pending.setdefault(rec.get("test_id", ""), []).append(rec)
+            kind = rec.get("kind", "decision")
+            if kind == "episode":
+                self.managed["episodes"] += 1
+                self.managed["events"] += int(rec.get("events", 0))
+            elif kind == "action":
+                self.managed["actions"] += 1
+                self._pending.setdefault(rec.get("test_id", ""), []).append(rec)
+            else:
+                self.totals[rec.get("decision", "deny")] = self.totals.get(rec.get("decision", "deny"), 0) + 1
+                self._pending.setdefault(rec.get("test_id", ""), []).append(rec)
             if self.audit is not None and os.getpid() == self._pid:  # not in a forked worker
                 self.audit.append(rec)
 
@@ -241,6 +296,8 @@ class Enforcer:
     # ----------------------------------------------------------------- finish
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session, exitstatus) -> None:
+        if self.manager is not None:
+            self.guard._end_episode()  # a collector's episode has no test end
         self._read_violations()
         # Denials no test report took (session hooks of the suite): the run fails.
         self.unreported = [r for records in self._pending.values() for r in records if r.get("decision") == "deny"]
@@ -278,12 +335,28 @@ class Enforcer:
     def pytest_terminal_summary(self, terminalreporter) -> None:
         tr = terminalreporter
         verb = "denied" if self.mode == "enforce" else "would have denied"
-        tr.write_line(f"sandhop: policy {self.policy} ({self.mode}): {verb} {self.totals.get('deny', 0)} "
+        if self.fallback_note:
+            tr.write_line(f"sandhop: {self.fallback_note}", red=True)
+        what = f"policy {self.policy}"
+        if self.artifact is not None:
+            m = self.managed
+            what = (f"artifact {self.artifact.root} (base tier {self.policy}; {m['events']} events scored in "
+                    f"{m['episodes']} tests and collectors, {m['actions']} manager actions)")
+        tr.write_line(f"sandhop: {what} ({self.mode}): {verb} {self.totals.get('deny', 0)} "
                       f"operations, redirected {self.totals.get('redirect', 0)}"
                       + (f"; audit log {self.audit_path}" if self.audit_path else ""),
                       yellow=bool(self.totals.get("deny")))
         for r in getattr(self, "unreported", []):
             tr.write_line(f"sandhop: outside any test: {r.get('message', '')}", red=self.mode == "enforce")
+
+
+def _report_line(r: dict) -> str:
+    if r.get("kind") == "action":
+        return (f"{r['action']:8} at {r['category']} {r['target']} (risk {r['risk']:.3f}): "
+                f"{r['tier_before']} -> {r['tier']}")
+    said = f" (risk {r['risk']:.3f})" if "risk" in r else ""
+    return f"{r['decision']:8} {r['category']} {r['target']}  [{r['rule']}]{said}" + (
+        f"\n         {r.get('fix')}" if r.get("fix") else "")
 
 
 class Hopper:

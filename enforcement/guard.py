@@ -117,6 +117,11 @@ class Guard:
         self._vfd = -1
         self._withheld: dict = {}
         self._lock = threading.Lock()
+        # The learned sandbox manager (`runtime.Manager`) when enforcing an artifact: it sets each
+        # event's config before the engine decides it. `on_config` hears of every change it makes.
+        self.manager = self._expected_manager = None
+        self.on_config = None
+        self._manager_lock = threading.Lock()
 
     @classmethod
     def from_env(cls, tracer: Tracer, spec_json: str) -> "Guard":
@@ -164,8 +169,14 @@ class Guard:
             self._vfd = self._busy(os.open, self.spec.violations,
                                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
 
+    def use_manager(self, manager, on_config=None) -> None:
+        """Enforce with a learned manager (`runtime.Manager`) from now on."""
+        self.manager = self._expected_manager = manager
+        self.on_config = on_config
+
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
+        self._manager_lock = threading.Lock()
         self.sinkhole = None  # its thread did not survive the fork
 
     def begin_test(self, test_id: str, config: SandboxConfig | None = None) -> None:
@@ -175,6 +186,8 @@ class Guard:
             self._apply_withheld(config)
 
     def end_test(self) -> None:
+        if self.manager is not None:
+            self._end_episode()
         st = self.state
         self.state = _TestState(test_id="", config=self.base)
         if st.config is not self.base and self._withheld:
@@ -203,6 +216,8 @@ class Guard:
             problems.append("the interceptors were pointed at another guard")
         if type(os.environ) is not _TracedEnviron:
             problems.append("os.environ is no longer traced (its class was changed back)")
+        if self.manager is not self._expected_manager:
+            problems.append("the learned sandbox manager was replaced or removed")
         if "decide" in vars(self) or "gate" in vars(self):
             problems.append("the guard's decision method was replaced")
         return problems
@@ -255,39 +270,95 @@ class Guard:
         """Called by the tracer with every decoded event; raises `Blocked` to stop it."""
         if not self.enforcing():
             return
+        d, said = self.decide_event(category, op, target, cls, self._decision)
+        self._act(category, op, target, detail, cls, d, said)
+
+    def decide_event(self, category: str, op: str, target: str, cls: str, decide=None) -> tuple[Decision, dict | None]:
+        """Decide one event of the running test, letting the learned manager (if any) act on the
+        test's config first: (decision, what the manager said or None). For events that arrive
+        outside the audit hook too (browser requests and DOM changes)."""
+        said = None
+        if self.manager is not None and self.tracer.test_id:
+            said = self._manage(category, op, target, cls)
+        d = (decide or self.decide)(category, target, cls)
+        if said is not None:
+            self._busy(self.manager.decided, d.effect)
+        return d, said
+
+    def _decision(self, category: str, target: str, cls: str) -> Decision:
         if category in _FS and self.tracer.roots.home != self.home:
             # HOME was changed (a fake home): the real one's secrets stay what they were.
             original = self._original_view(category, target)
             if original is not None:
-                d = self.engine.decide_all([_View(category, target, cls), original], self.config)
-                return self._act(category, op, target, detail, cls, d)
+                return self.engine.decide_all([_View(category, target, cls), original], self.config)
         if (category in _NET_SEND and cls != "unix"
                 and ev.canonical_ip(ev.split_address(target)[0]) is None):
             # The interceptors hand connect()/sendto() a resolved address (the lookup is decided
             # there, once); a name arriving here came around them (raw `_socket`, `localhost`
             # included) and was resolved in C where no lookup was decided.
-            d = Decision("deny", "guard:unresolved-name", f"{category} to a host name that did not go "
-                         "through the guard's resolver (raw _socket); connect through socket.socket")
-            return self._act(category, op, target, detail, cls, d)
-        self._act(category, op, target, detail, cls, self.decide(category, target, cls))
+            return Decision("deny", "guard:unresolved-name", f"{category} to a host name that did not go "
+                            "through the guard's resolver (raw _socket); connect through socket.socket")
+        return self.decide(category, target, cls)
 
-    def _act(self, category: str, op: str, target: str, detail: str, cls: str, d: Decision) -> None:
+    # ----------------------------------------------------------------- the learned manager
+    def _manage(self, category: str, op: str, target: str, cls: str) -> dict:
+        """Let the manager score the event and act on the test's config before it is decided."""
+        m = self.manager
+        test_id = self.tracer.test_id
+        with self._manager_lock:
+            if m.episode is None or m.episode.test_id != test_id:
+                self._end_episode()
+                # a test starts from its own config (marker included); a collector from the base
+                start = self.state.config if self.state.test_id == test_id and self.state.config else self.base
+                m.begin(test_id, start)
+            before = m.episode.config
+            config, said = self._busy(m.event, category, op, target, cls, self.tracer.phase, time.monotonic_ns())
+        if config is not before:
+            self.state.config = config
+            rec = {"kind": "action", "run_id": self.spec.run_id, "test_id": test_id, "phase": self.tracer.phase,
+                   "pid": os.getpid(), "t_ns": time.monotonic_ns() - self.tracer.t0_ns, "category": category,
+                   "op": op, "target": target, "target_class": cls, "risk": round(said["risk"], 6),
+                   "action": said["action"], "tier_before": before.tier, "tier": config.tier,
+                   "grants": list(config.grants), "revocations": list(config.revocations), "event": m.episode.events - 1}
+            self._write(rec)
+            if self.on_config is not None:
+                self._busy(self.on_config, config)
+        elif self.state.config is not config:
+            self.state.config = config
+        return said
+
+    def _end_episode(self) -> None:
+        m = self.manager
+        ep = m.episode
+        if ep is None:
+            return
+        m.episode = None
+        self._write({"kind": "episode", "run_id": self.spec.run_id, "test_id": ep.test_id, "pid": os.getpid(),
+                     "events": ep.events, "actions": ep.actions, "max_risk": round(ep.max_risk, 6),
+                     "tier": ep.config.tier})
+        if self.state.test_id != ep.test_id and self.state.config is not self.base:
+            self.state.config = self.base  # a collector's escalation ends with it
+            if self.on_config is not None:
+                self._busy(self.on_config, self.base)
+
+    def _act(self, category: str, op: str, target: str, detail: str, cls: str, d: Decision,
+             said: dict | None = None) -> None:
         if d.effect == "allow":
             return
         if d.effect == "redirect" and self.mode == "audit":
-            self.record(category, op, target, detail, cls, d)
+            self.record(category, op, target, detail, cls, d, said)
             return
         if d.effect == "redirect":
             handled = self._redirect_in_hook(category, d)
             if handled is not None:
-                self.record(category, op, target, detail, cls, d)
+                self.record(category, op, target, detail, cls, d, said)
                 if isinstance(handled, BaseException):
                     raise Blocked(handled)
                 return
             d = Decision("deny", d.rule_id, f"{d.reason}; `{op}` cannot be redirected, so it is denied "
                          "(use open(), os.open() or socket.connect(), which the guard intercepts)",
                          rule_text=d.rule_text)
-        record = self.record(category, op, target, detail, cls, d)
+        record = self.record(category, op, target, detail, cls, d, said)
         if self.mode == "enforce":
             raise Blocked(SandboxViolation(record["message"], record))
 
@@ -324,13 +395,16 @@ class Guard:
             return True  # an interceptor below is carrying it out
         return None
 
-    def record(self, category: str, op: str, target: str, detail: str, cls: str, d: Decision) -> dict:
+    def record(self, category: str, op: str, target: str, detail: str, cls: str, d: Decision,
+               said: dict | None = None) -> dict:
         config = self.config
         rec = {"kind": "decision", "run_id": self.spec.run_id, "test_id": self.state.test_id or self.tracer.test_id,
                "phase": self.tracer.phase, "pid": os.getpid(), "t_ns": time.monotonic_ns() - self.tracer.t0_ns,
                "category": category, "op": op, "target": target, "target_class": cls, "detail": detail,
                "decision": d.effect, "rule": d.rule_id, "rule_text": d.rule_text, "tier": config.tier,
                "mode": self.mode, "reason": d.reason, "redirect_to": d.redirect_to}
+        if said is not None:  # what the learned manager said of this event
+            rec["risk"], rec["action"] = round(said["risk"], 6), said["action"]
         if d.effect == "deny":
             # Loading another tier's file to say which would allow it is the guard's own work.
             rec["fix"] = ("no policy allows it (the guard protects itself)" if d.rule_id.startswith("guard:")

@@ -1,5 +1,6 @@
 """The sandhop pytest plugin: `--sandhop-record DIR` records a trace of the test run;
-`--sandhop-policy TIER_OR_FILE` enforces a policy on it (see `guard.py`).
+`--sandhop-policy TIER_OR_FILE` enforces a policy on it (see `guard.py`); `--sandhop-enforce
+ARTIFACT_DIR` enforces with an exported risk model and sandbox manager (see `runtime.py`).
 
 Inert unless one of its options is given. The audit hook goes in before conftest files are
 loaded, so import-time and collection-time events are captured (phase `collect`, attributed to
@@ -38,6 +39,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="suite name stored with the trace (default: <rootdir name>==local)")
     group.addoption("--sandhop-policy", metavar="TIER_OR_FILE", default=None,
                     help="enforce a tier (observe, low, medium, high, lockdown) or a policy file")
+    group.addoption("--sandhop-enforce", metavar="ARTIFACT_DIR", default=None,
+                    help="enforce with an exported artifact (`sandhop export`): its risk model scores every "
+                         "event and its sandbox manager hops tiers and grants or revokes categories per test")
+    group.addoption("--sandhop-fallback-tier", metavar="TIER", default=None,
+                    help="with --sandhop-enforce: if the artifact cannot be used, run this static tier instead "
+                         "(and say so); without it such a run does not start")
     group.addoption("--sandhop-mode", choices=("enforce", "audit"), default="enforce",
                     help="enforce: deny and fail the test; audit: allow, record what would be denied")
     group.addoption("--sandhop-audit-log", metavar="PATH", default=None,
@@ -58,7 +65,14 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser, args) -> 
     ns = early_config.known_args_namespace
     out = getattr(ns, "sandhop_record", None)
     policy = getattr(ns, "sandhop_policy", None)
-    if not out and not policy:
+    artifact = getattr(ns, "sandhop_enforce", None)
+    fallback = getattr(ns, "sandhop_fallback_tier", None)
+    if policy and artifact:
+        raise pytest.UsageError("--sandhop-policy and --sandhop-enforce both say what to enforce; pass one")
+    if fallback and not artifact:
+        raise pytest.UsageError("--sandhop-fallback-tier only applies with --sandhop-enforce ARTIFACT_DIR "
+                                "(for a static tier alone, use --sandhop-policy TIER)")
+    if not out and not policy and not artifact:
         return
     pm = early_config.pluginmanager
     tracer = None
@@ -67,11 +81,11 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser, args) -> 
         recorder = Recorder(Path(out), suite, list(early_config.invocation_params.args))
         pm.register(recorder, "sandhop-recorder")
         tracer = recorder.start()
-    if policy:
+    if policy or artifact:
         from sandhop.enforcement.enforcer import Enforcer
         enforcer = Enforcer(policy, mode=ns.sandhop_mode, audit_log=ns.sandhop_audit_log,
                             allow_degraded=ns.sandhop_allow_degraded,
-                            basetemp=getattr(ns, "basetemp", None))
+                            basetemp=getattr(ns, "basetemp", None), artifact=artifact, fallback_tier=fallback)
         pm.register(enforcer, "sandhop-enforcer")
         tracer = enforcer.start(tracer)
     pm.register(Attribution(tracer), "sandhop-attribution")

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from sandhop.enforcement.engine import TIERS, PolicyEngine, SandboxConfig
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, TARGET_CLASSES
-from sandhop.envs.spec import EFFECTS, PERMISSIONS, EnvError, EnvSpec
+from sandhop.envs.spec import EFFECTS, PERMISSIONS, EnvError, EnvSpec, progress_of
 
 SPLITS = ("train", "val", "test", "novel")
 
@@ -77,7 +77,7 @@ class Episodes:
     targets: list[tuple[str, str, str]]        # distinct (category, target, target_class)
     malicious: np.ndarray                      # bool [N]
     damaging: np.ndarray                       # bool [N]
-    progress: np.ndarray                       # float32 [N]: position / episode length
+    progress: np.ndarray                       # float32 [N]: spec.progress_of(position in the episode)
     risk: np.ndarray = field(default=None)     # float32 [N]
     tags: np.ndarray = field(default=None)     # float32 [N, len(INFERRED_TAGS)]
     risk_source: str = ""
@@ -145,7 +145,7 @@ def from_table(table: pa.Table, name: str = "traces") -> Episodes:
         hit = np.flatnonzero(malicious[s:s + n])
         attack.append(str(attack_col[s + hit[0]]) if len(hit) else "")
     pos = np.arange(table.num_rows, dtype=np.int64) - np.repeat(start, length)
-    progress = (pos.astype(np.float32) / np.repeat(length, length).astype(np.float32)).astype(np.float32)
+    progress = progress_of(pos)
     return Episodes(name, keys, start, length, attack, category, target_class,
                     distinct.indices.to_numpy().astype(np.int32), targets, malicious, damaging, progress)
 

@@ -16,7 +16,6 @@ decided before that. The env does not reset itself; vector envs autoreset on the
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import gymnasium as gym
@@ -24,11 +23,11 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 
-from sandhop.enforcement.engine import TIERS, PolicyEngine
+from sandhop.enforcement.engine import PolicyEngine
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, TARGET_CLASSES
 from sandhop.envs import data as envdata
-from sandhop.envs.spec import (EFFECTS, N_TIERS, OUTCOMES, PERMISSIONS, EnvSpec, action_mask, outcome_of,
-                               push_recent, step_reward)
+from sandhop.envs.spec import (EFFECTS, N_TIERS, OUTCOMES, PERMISSIONS, EnvSpec, action_mask, apply_action,
+                               outcome_of, push_recent, step_reward)
 
 
 def observation_space(spec: EnvSpec) -> spaces.Dict:
@@ -109,20 +108,9 @@ class SandboxManagerEnv(gym.Env):
         level = self.config.level
         valid = 0 <= action < self.env_spec.n_actions and bool(self._mask[action])
         hopped = changed = False
-        if valid and 1 <= action <= N_TIERS:
-            self.config = self.engine.hop(self.config, TIERS[action - 1])
-            hopped = True
-        elif valid and action > N_TIERS:
-            k = action - 1 - N_TIERS
-            grant = k < self.env_spec.n_categories
-            k = k if grant else k - self.env_spec.n_categories
-            category = self.env_spec.categories[k]
-            grants = set(self.config.grants) - {category}
-            revocations = set(self.config.revocations) - {category}
-            (grants if grant else revocations).add(category)
-            self.config = replace(self.config, grants=tuple(sorted(grants)), revocations=tuple(sorted(revocations)))
-            self._permissions[k] = 1 if grant else 2
-            changed = True
+        if valid:
+            self.config, hopped, changed = apply_action(self.engine, self.config, self._permissions, action,
+                                                        self.env_spec)
         if hopped or changed:
             self._mask = self._compute_mask()
         i = self._start + self._t

@@ -21,8 +21,9 @@ that ignore the mask cannot crash an episode.
 Observation (a `Dict`): `risk` [1] and `tags` [T] of the current event (T = inferred tags), its
 `category` and `target_class` (indices into the event model's vocabularies), the current `tier`,
 `permissions` [K] (0 tier default, 1 granted, 2 revoked), `recent` [2] (denied and redirected
-events among the last `recent_window` decided ones), `progress` [1] (events done / events in
-the test) and `action_mask` [A].
+events among the last `recent_window` decided ones), `progress` [1] (events decided so far over
+`PROGRESS_EVENTS`, at most 1: causal, so a live enforcer that cannot know a test's length computes
+it too) and `action_mask` [A].
 
 Reward: minus the cost of the step's outcome (malicious step allowed; benign step denied or
 redirected), minus the tier's per-step overhead, minus the cost of a hop or a permission change.
@@ -30,12 +31,12 @@ redirected), minus the tier's per-step overhead, minus the cost of a hop or a pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import numpy as np
 
-from sandhop.enforcement.engine import TIER_LEVEL, TIERS
+from sandhop.enforcement.engine import TIER_LEVEL, TIERS, PolicyEngine, SandboxConfig
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, TARGET_CLASSES
 
 EFFECTS: tuple[str, ...] = ("allow", "redirect", "deny")
@@ -46,6 +47,7 @@ OUTCOMES: tuple[str, ...] = ("benign_allowed", "benign_redirected", "benign_deni
                              "malicious_allowed", "malicious_redirected", "malicious_denied")
 LOCKDOWN = TIER_LEVEL["lockdown"]
 N_TIERS = len(TIERS)
+PROGRESS_EVENTS = 128   # progress saturates here (where training cuts long tests)
 OBS_KEYS: tuple[str, ...] = ("risk", "tags", "category", "target_class", "tier", "permissions", "recent",
                              "progress", "action_mask")
 
@@ -243,3 +245,28 @@ def flat_observation(xp, obs: Mapping, spec: EnvSpec):
 def flat_size(spec: EnvSpec) -> int:
     return (1 + len(INFERRED_TAGS) + len(CATEGORIES) + len(TARGET_CLASSES) + N_TIERS
             + len(PERMISSIONS) * spec.n_categories + 2 + 1)
+
+
+def progress_of(position):
+    """`progress` of the event at `position` (0-based) in its test, float32."""
+    return np.minimum(np.asarray(position, np.float32) / np.float32(PROGRESS_EVENTS), np.float32(1.0))
+
+
+def apply_action(engine: PolicyEngine, config: SandboxConfig, permissions: np.ndarray, action: int,
+                 spec: EnvSpec) -> tuple[SandboxConfig, bool, bool]:
+    """Carry out a valid action on a test's config (the caller checked the mask): a hop through
+    the engine (escalation now), or a grant / revocation of a whole category, which replaces the
+    other. Updates `permissions` in place; returns (config, hopped, changed)."""
+    if 1 <= action <= N_TIERS:
+        return engine.hop(config, TIERS[action - 1]), True, False
+    if action > N_TIERS:
+        k = action - 1 - N_TIERS
+        grant = k < spec.n_categories
+        k = k if grant else k - spec.n_categories
+        category = spec.categories[k]
+        grants = set(config.grants) - {category}
+        revocations = set(config.revocations) - {category}
+        (grants if grant else revocations).add(category)
+        permissions[k] = GRANTED if grant else REVOKED
+        return replace(config, grants=tuple(sorted(grants)), revocations=tuple(sorted(revocations))), False, True
+    return config, False, False

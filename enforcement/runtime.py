@@ -1,0 +1,447 @@
+"""The runtime enforcer's models: an exported artifact, verified and run with numpy alone.
+
+`sandhop export` (`sandhop.agents.export`) writes an artifact folder:
+
+    manifest.json        format version, sandhop version, feature spec and its hash, the event
+                         model, tier templates, env settings, calibration, thresholds, training
+                         configs, evaluation metrics, sha256 of every weight file
+    risk.safetensors     the risk transformer (names as in the Flax model: blocks.0.qkv.kernel)
+    policy.safetensors   the sandbox manager's network and its input normaliser
+
+`Artifact.load` refuses anything it cannot vouch for: a missing or corrupt weight file, a hash
+that does not match, another format version, a feature spec or event model other than this
+sandhop's, tier templates that changed since training. There is no silent fallback; a static
+tier instead of the artifact is an explicit choice (`--sandhop-fallback-tier`).
+
+`Manager` is what runs per event in the pytest process: the risk model one event at a time
+(a ring-buffer key/value cache of the model's context, as in `RiskModel.step`), the observation
+the Gymnasium env would give (`sandhop.envs.spec`), the policy's greedy action, and the action
+carried out on the test's `SandboxConfig` (`spec.apply_action`); the one `PolicyEngine` then
+decides the event under that config, in the guard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sandhop.agents.features import N_FIXED, PAD, FeatureError, FeatureSpec, dt_bucket
+from sandhop.agents.network import heads, normalize, policy_inputs
+from sandhop.enforcement.engine import TIERS, PolicyEngine, SandboxConfig
+from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, PHASES, TARGET_CLASSES
+from sandhop.envs.spec import (EnvSpec, action_mask, apply_action, progress_of, push_recent)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RISK_FILE, POLICY_FILE = "risk.safetensors", "policy.safetensors"
+EVENT_MODEL = {"categories": CATEGORIES, "target_classes": TARGET_CLASSES, "phases": PHASES,
+               "tags": INFERRED_TAGS}
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be used as it is (says what is wrong and how to fix it)."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tier_templates(engine: PolicyEngine | None = None) -> dict[str, str]:
+    """sha256 of each built-in tier's rules as this sandhop's engine reads them."""
+    engine = engine or PolicyEngine()
+    out = {}
+    for tier in TIERS:
+        policy = engine.load_tier(tier)
+        text = f"default {policy.default}\n" + "".join(f"{r.rule_id} {r.text}\n" for r in policy.rules)
+        out[tier] = hashlib.sha256(text.encode()).hexdigest()
+    return out
+
+
+def event_model_hash() -> str:
+    return hashlib.sha256(json.dumps({k: list(v) for k, v in EVENT_MODEL.items()}, sort_keys=True).encode()
+                          ).hexdigest()[:16]
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} is not a readable safetensors file ({exc}); re-export the artifact") from None
+
+
+# --------------------------------------------------------------------------- the risk model in numpy
+
+def _normalize(x: np.ndarray, inv_n: float) -> np.ndarray:
+    """Layer norm without its affine part (folded into the next matmul at load time)."""
+    d = x - x.sum() * inv_n
+    return d * np.float32(1.0 / math.sqrt(float(d @ d) * inv_n + 1e-6))
+
+
+def _fold(scale: np.ndarray, bias: np.ndarray, kernel: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(LN(x) * scale + bias) @ kernel + b == LN(x) @ kernel' + b'."""
+    k64 = kernel.astype(np.float64)
+    return ((scale.astype(np.float64)[:, None] * k64).astype(np.float32),
+            (bias.astype(np.float64) @ k64 + b).astype(np.float32))
+
+
+@dataclass
+class RiskState:
+    """One test's risk-model state: the key/value ring buffer (keys [L, H, Dh, C] and values
+    [L, H, C, Dh], laid out for the two attention matmuls), the next position, and the
+    prediction the next event will be scored under."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    position: int = 0
+    prediction: np.ndarray | None = None   # LM logits (category, op, class) for the next event
+    last_t_ns: int | None = None
+
+
+class RiskRuntime:
+    """`RiskModel.step` in numpy, plus the calibrated score: per event, (risk in [0, 1], tag
+    probabilities, risk logit, surprise)."""
+
+    def __init__(self, weights: dict[str, np.ndarray], spec: FeatureSpec, model: dict, calibrator: dict) -> None:
+        self.spec = spec
+        self.width, self.layers = int(model["width"]), int(model["layers"])
+        self.n_heads, self.context = int(model["heads"]), int(model["context"])
+        self.head_dim = self.width // self.n_heads
+        self.calibrator = (float(calibrator["a"]), float(calibrator["b"]), float(calibrator["c"]))
+        try:
+            w = {k: np.ascontiguousarray(v, np.float32) for k, v in weights.items()}
+            self.tables = [w[f"{name}.embedding"] for name in ("category", "op", "target_class", "phase", "dt")]
+            self.piece = w["piece.embedding"]
+            names = ("lm_category", "lm_op", "lm_class", "risk", "tags")
+            sizes = [w[f"{n}.bias"].shape[0] for n in names]
+            self.blocks = []
+            for i in range(self.layers):
+                def get(part, name):
+                    return w[f"blocks.{i}.{part}.{name}"]
+                qkv_w, qkv_b = _fold(get("norm1", "scale"), get("norm1", "bias"), get("qkv", "kernel"), get("qkv", "bias"))
+                # the attention's 1/sqrt(head size) folded into q (rotation is linear)
+                qkv_w[:, :self.width] *= np.float32(1.0 / math.sqrt(self.head_dim))
+                qkv_b[:self.width] *= np.float32(1.0 / math.sqrt(self.head_dim))
+                up_w, up_b = _fold(get("norm2", "scale"), get("norm2", "bias"), get("up", "kernel"), get("up", "bias"))
+                # gelu's factor 1/2 folded into the down projection
+                self.blocks.append((qkv_w, qkv_b, get("out", "kernel"), get("out", "bias"), up_w, up_b,
+                                    get("down", "kernel") * np.float32(0.5), get("down", "bias")))
+            # one matmul for every head: LM (category, op, class), risk, tags
+            self.head_w, self.head_b = _fold(w["norm.scale"], w["norm.bias"],
+                                             np.concatenate([w[f"{n}.kernel"] for n in names], axis=1),
+                                             np.concatenate([w[f"{n}.bias"] for n in names]))
+        except KeyError as exc:
+            raise ArtifactError(f"{RISK_FILE} lacks the tensor {exc.args[0]!r}; re-export the artifact") from None
+        expected = {"category.embedding": spec.n_categories, "op.embedding": spec.n_ops,
+                    "target_class.embedding": spec.n_classes, "phase.embedding": spec.n_phases,
+                    "dt.embedding": spec.dt_buckets, "piece.embedding": spec.piece_buckets}
+        for name, rows in expected.items():
+            if w[name].shape != (rows, self.width):
+                raise ArtifactError(f"{RISK_FILE}: {name} has shape {w[name].shape}, the feature spec needs "
+                                    f"({rows}, {self.width}); the artifact is inconsistent, re-export it")
+        edges = np.cumsum([0] + sizes)
+        self.cuts = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+        self.lm_starts = edges[:3].astype(np.intp)
+        # Rotary encoding as x * cos + swap(x) * sin, where swap exchanges each pair and negates
+        # its first element. Angles in float64: at position 10^4 a float32 angle is off by
+        # 10^-3 rad, while training (windows of a few hundred positions) never saw such error.
+        self.freqs = 1.0 / (10000 ** (np.arange(0, self.head_dim, 2, dtype=np.float32) / self.head_dim)).astype(np.float64)
+        self.swap = np.arange(self.head_dim).reshape(-1, 2)[:, ::-1].reshape(-1)
+        self.sign = np.tile(np.array([-1.0, 1.0], np.float32), self.head_dim // 2)
+        self.inv_n = 1.0 / self.width
+        self.c1 = np.float32(math.sqrt(2 / math.pi))
+        self.c2 = np.float32(math.sqrt(2 / math.pi) * 0.044715)
+
+    def new_state(self) -> RiskState:
+        return RiskState(np.zeros((self.layers, self.n_heads, self.head_dim, self.context), np.float32),
+                         np.zeros((self.layers, self.n_heads, self.context, self.head_dim), np.float32))
+
+    def embed(self, row: np.ndarray) -> np.ndarray:
+        """The event's embedding without its time delta (cacheable per distinct event)."""
+        t = self.tables
+        x = t[0][row[0]] + t[1][row[1]] + t[2][row[2]] + t[3][row[3]]
+        for piece in row[N_FIXED:]:
+            if piece != PAD:
+                x = x + self.piece[piece]
+        return x
+
+    def step(self, state: RiskState, row: np.ndarray, embedded: np.ndarray | None = None
+             ) -> tuple[float, np.ndarray, float, float]:
+        """Score one encoded event [width] and advance the state; `embedded`: `embed(row)`."""
+        x = (self.embed(row) if embedded is None else embedded) + self.tables[4][row[4]]
+        p = state.position
+        slot = p % self.context
+        filled = min(p + 1, self.context)
+        angles = p * self.freqs
+        cos = np.repeat(np.cos(angles), 2).astype(np.float32)
+        sin = np.repeat(np.sin(angles), 2).astype(np.float32) * self.sign
+        heads, hd, w, inv_n = self.n_heads, self.head_dim, self.width, self.inv_n
+        keys_all, values_all = state.keys, state.values
+        for layer, (qkv_w, qkv_b, out_w, out_b, up_w, up_b, down_w, down_b) in enumerate(self.blocks):
+            qkv = _normalize(x, inv_n) @ qkv_w + qkv_b
+            qk = qkv[:2 * w].reshape(2 * heads, hd)
+            qk = qk * cos + qk[:, self.swap] * sin
+            keys, values = keys_all[layer], values_all[layer]
+            keys[:, :, slot] = qk[heads:]
+            values[:, slot, :] = qkv[2 * w:].reshape(heads, hd)
+            scores = np.matmul(qk[:heads, None, :], keys[:, :, :filled])
+            scores = np.exp(scores - scores.max(axis=2, keepdims=True))
+            attended = np.matmul(scores / scores.sum(axis=2, keepdims=True), values[:, :filled, :])
+            x = x + (attended.reshape(w) @ out_w + out_b)
+            u = _normalize(x, inv_n) @ up_w + up_b
+            x = x + ((u * (np.float32(1) + np.tanh(u * (self.c1 + self.c2 * u * u)))) @ down_w + down_b)
+        out = _normalize(x, inv_n) @ self.head_w + self.head_b
+        lm = out[:self.cuts[2].stop]
+        surprise = 0.0
+        if state.prediction is not None:
+            surprise = self._surprise(state.prediction, row)
+        state.prediction = lm
+        state.position = p + 1
+        logit = float(out[self.cuts[3]][0])
+        a, bb, cc = self.calibrator
+        z = min(max(a * logit + bb * surprise + cc, -60.0), 60.0)
+        risk = 1.0 / (1.0 + math.exp(-z))
+        tags = (1.0 / (1.0 + np.exp(-out[self.cuts[4]]))).astype(np.float32)
+        return risk, tags, logit, surprise
+
+    def _surprise(self, lm: np.ndarray, row: np.ndarray) -> float:
+        """-log p(category) - log p(op) - log p(class) of this event under the LM logits made
+        at the event before it."""
+        total = 0.0
+        for i, cut in enumerate(self.cuts[:3]):
+            seg = lm[cut]
+            m = float(seg.max())
+            total += m + math.log(float(np.exp(seg - m).sum())) - float(seg[row[i]])
+        return total
+
+    def encode(self, state: RiskState, features: np.ndarray, t_ns: int) -> np.ndarray:
+        """The event's features with its time-delta bucket (0 for a test's first event gets
+        bucket 1, as `FeatureSpec.encode` gives it)."""
+        row = features.copy()
+        dt = 0 if state.last_t_ns is None else t_ns - state.last_t_ns
+        row[4] = dt_bucket(np.array([dt]), self.spec.dt_buckets)[0]
+        state.last_t_ns = t_ns
+        return row
+
+
+# --------------------------------------------------------------------------- the policy in numpy
+
+class PolicyRuntime:
+    """The exported sandbox manager's greedy policy (`sandhop.agents.network`)."""
+
+    def __init__(self, weights: dict[str, np.ndarray], spec: EnvSpec, normalize_obs: bool) -> None:
+        try:
+            self.params = {"embed": {k: weights[f"embed.{k}"] for k in ("w", "b", "table")},
+                           "actor": [{k: weights[f"actor.{i}.{k}"] for k in ("w", "b")} for i in range(2)],
+                           "critic": [{k: weights[f"critic.{i}.{k}"] for k in ("w", "b")} for i in range(2)]}
+            self.norm = {k: weights[f"norm.{k}"] for k in ("mean", "var", "count")}
+        except KeyError as exc:
+            raise ArtifactError(f"{POLICY_FILE} lacks the tensor {exc.args[0]!r}; re-export the artifact") from None
+        if self.params["actor"][1]["w"].shape[1] != spec.n_actions:
+            raise ArtifactError(f"{POLICY_FILE}: the policy has {self.params['actor'][1]['w'].shape[1]} actions, "
+                                f"the env settings {spec.n_actions}; the artifact is inconsistent, re-export it")
+        self.spec = spec
+        self.normalize_obs = normalize_obs
+
+    def logits(self, obs: dict) -> np.ndarray:
+        x = normalize(np, self.norm, policy_inputs(np, obs, self.spec), self.normalize_obs)
+        return heads(np, self.params, x, np.asarray(obs["action_mask"]).astype(bool))[0]
+
+    def act(self, obs: dict) -> int:
+        return int(np.argmax(self.logits(obs)))
+
+
+# --------------------------------------------------------------------------- the artifact
+
+@dataclass
+class Artifact:
+    root: Path
+    manifest: dict
+    feature_spec: FeatureSpec
+    env_spec: EnvSpec
+    risk: RiskRuntime
+    policy: PolicyRuntime
+
+    @property
+    def base_tier(self) -> str:
+        return self.env_spec.base_tier
+
+    @property
+    def name(self) -> str:
+        return f"{self.root.name} (sandhop artifact v{self.manifest.get('format_version')}, " \
+               f"{self.manifest.get('created', '?')})"
+
+    @classmethod
+    def load(cls, root: str | Path, engine: PolicyEngine | None = None) -> "Artifact":
+        root = Path(root).expanduser()
+        manifest = read_manifest(root)
+        verify_files(root, manifest)
+        try:
+            fspec = FeatureSpec.from_json(manifest["feature_spec"])
+        except (FeatureError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"{root / MANIFEST}: its feature spec cannot be read ({exc}); re-export the "
+                                "artifact with this sandhop") from None
+        if fspec.fingerprint() != manifest.get("feature_fingerprint"):
+            raise ArtifactError(f"{root / MANIFEST}: the feature spec does not match its recorded hash "
+                                f"({fspec.fingerprint()} vs {manifest.get('feature_fingerprint')}): the manifest "
+                                "was edited; re-export the artifact")
+        differs = [k for k, ours in EVENT_MODEL.items() if tuple(getattr(fspec, k)) != tuple(ours)]
+        if differs:
+            raise ArtifactError(f"{root}: the artifact's feature spec does not match this sandhop's event model "
+                                f"(it differs in {', '.join(differs)}): the models were trained on another event "
+                                "model; retrain and re-export with this sandhop, or run a static tier with "
+                                "--sandhop-fallback-tier TIER")
+        ours = tier_templates(engine)
+        changed = [t for t, h in manifest.get("tiers", {}).items() if ours.get(t) != h]
+        if changed or set(manifest.get("tiers", {})) != set(ours):
+            raise ArtifactError(f"{root}: the tier templates changed since the artifact was trained (tiers "
+                                f"{', '.join(changed) or 'added or removed'}), so its policy learned other "
+                                "decisions; retrain and re-export, or run a static tier with --sandhop-fallback-tier TIER")
+        try:
+            env_spec = EnvSpec.from_config(manifest["env"])
+            risk = RiskRuntime(_load_safetensors(root / RISK_FILE), fspec, manifest["risk"]["model"],
+                               manifest["risk"]["calibrator"])
+            policy = PolicyRuntime(_load_safetensors(root / POLICY_FILE), env_spec,
+                                   bool(manifest["agent"]["normalize_obs"]))
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(f"{root / MANIFEST} lacks {exc}; re-export the artifact with this sandhop") from None
+        except ValueError as exc:
+            if isinstance(exc, ArtifactError):
+                raise
+            raise ArtifactError(f"{root / MANIFEST}: {exc}; re-export the artifact") from None
+        return cls(root, manifest, fspec, env_spec, risk, policy)
+
+
+def read_manifest(root: Path) -> dict:
+    if not root.is_dir():
+        raise ArtifactError(f"{root} is not an artifact folder; make one with `sandhop export --risk RUN --agent RUN "
+                            f"--out {root}`")
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{root} has no {MANIFEST}: not a sandhop artifact; make one with `sandhop export`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); re-export the artifact") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is not a manifest (a JSON object); re-export the artifact")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{root}: artifact format version {version!r}, this sandhop reads version "
+                            f"{FORMAT_VERSION}; re-export it with this sandhop, or use the sandhop that wrote it "
+                            f"({manifest.get('sandhop_version', 'unknown')})")
+    return manifest
+
+
+def verify_files(root: Path, manifest: dict) -> None:
+    files = manifest.get("files")
+    if not isinstance(files, dict) or {RISK_FILE, POLICY_FILE} - set(files):
+        raise ArtifactError(f"{root / MANIFEST} does not list the sha256 of {RISK_FILE} and {POLICY_FILE}; "
+                            "re-export the artifact")
+    for name, expected in files.items():
+        path = root / name
+        if Path(name).name != name:
+            raise ArtifactError(f"{root / MANIFEST} names a weight file outside the artifact ({name!r})")
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; the artifact is incomplete: copy it whole, or re-export it")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(f"{path}: sha256 {actual[:16]}… does not match the manifest's {str(expected)[:16]}…; "
+                                "the file is corrupt or was changed: re-export the artifact")
+
+
+# --------------------------------------------------------------------------- per test, per event
+
+@dataclass
+class _Episode:
+    test_id: str
+    config: SandboxConfig
+    risk: RiskState
+    permissions: np.ndarray
+    denied: np.uint32 = np.uint32(0)
+    redirected: np.uint32 = np.uint32(0)
+    events: int = 0
+    actions: int = 0
+    max_risk: float = 0.0
+    steps: list = field(default_factory=list)
+
+
+class Manager:
+    """The artifact's risk model and policy, driving one `SandboxConfig` per test (or collector).
+
+    `event(...)` is called by the guard before it decides an event: it scores the event, builds
+    the observation, takes the policy's action and returns the config to decide under. After the
+    decision, `decided(effect)` records it (the `recent` window of the next observation). A test's
+    first event starts an episode from the config the test began with (the base tier, or its
+    marker); nothing carries over between tests."""
+
+    def __init__(self, artifact: Artifact, engine: PolicyEngine, *, keep_steps: bool = False) -> None:
+        self.artifact = artifact
+        self.engine = engine
+        self.spec = artifact.env_spec
+        self.fspec = artifact.feature_spec
+        self.cat_index = {c: i for i, c in enumerate(CATEGORIES)}
+        self.cls_index = {c: i for i, c in enumerate(TARGET_CLASSES)}
+        self.actions = self.spec.action_names()
+        self.keep_steps = keep_steps
+        self.episode: _Episode | None = None
+        self._features: dict[tuple, np.ndarray] = {}
+        self.events = 0
+
+    def begin(self, test_id: str, config: SandboxConfig) -> None:
+        self.episode = _Episode(test_id, config, self.artifact.risk.new_state(),
+                                np.zeros(self.spec.n_categories, np.int64))
+
+    def features(self, category: str, op: str, target: str, cls: str, phase: str) -> np.ndarray:
+        key = (category, op, target, cls, phase)
+        row = self._features.get(key)
+        if row is None:
+            if len(self._features) > 65536:
+                self._features.clear()
+            row = self._features[key] = self.fspec.encode_event(category, op, target, cls, phase)
+        return row
+
+    def observe(self, category: str, cls: str, risk: float, tags: np.ndarray) -> dict:
+        ep = self.episode
+        level = ep.config.level
+        return {"risk": np.array([risk], np.float32), "tags": tags,
+                "category": np.int64(self.cat_index[category]), "target_class": np.int64(self.cls_index[cls]),
+                "tier": np.int64(min(level, len(TIERS) - 1)), "permissions": ep.permissions.copy(),
+                "recent": np.array([int(ep.denied).bit_count(), int(ep.redirected).bit_count()], np.int64),
+                "progress": np.array([progress_of(ep.events)], np.float32),
+                "action_mask": action_mask(np, level, ep.permissions, self.spec.n_categories).astype(np.int8)}
+
+    def event(self, category: str, op: str, target: str, cls: str, phase: str, t_ns: int) -> tuple[SandboxConfig, dict]:
+        """The config this event is decided under, and what the models said (for the audit)."""
+        ep = self.episode
+        risk_model = self.artifact.risk
+        row = risk_model.encode(ep.risk, self.features(category, op, target, cls, phase), t_ns)
+        risk, tags, logit, surprise = risk_model.step(ep.risk, row)
+        obs = self.observe(category, cls, risk, tags)
+        action = self.artifact.policy.act(obs)
+        if action:
+            ep.config, _, _ = apply_action(self.engine, ep.config, ep.permissions, action, self.spec)
+            ep.actions += 1
+        ep.events += 1
+        ep.max_risk = max(ep.max_risk, risk)
+        self.events += 1
+        said = {"risk": risk, "action": self.actions[action], "tier": ep.config.tier}
+        if self.keep_steps:
+            ep.steps.append({**said, "obs": obs, "logit": logit, "surprise": surprise, "tags": tags})
+        return ep.config, said
+
+    def decided(self, effect: str) -> None:
+        ep = self.episode
+        window = self.spec.recent_window
+        ep.denied = push_recent(np, ep.denied, np.bool_(effect == "deny"), window)
+        ep.redirected = push_recent(np, ep.redirected, np.bool_(effect == "redirect"), window)
