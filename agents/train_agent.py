@@ -6,6 +6,7 @@
     sandhop-train-agent env.risk.source=model env.risk.checkpoint=runs/risk/X
     sandhop-train-agent agent.num_seeds=3                 # three seeds side by side in one jit
     sandhop-train-agent out=runs/agent/a                  # again: resumes where it stopped
+    sandhop-train-agent init=artifacts/a                  # every member starts from an exported policy
     sandhop-train-agent -m agent.lr=1e-3,3e-4 seed=0,1    # a sweep (hparams_search=optuna, hydra/launcher=ray_local)
 
 The run folder holds `config.yaml` (resolved), `checkpoints/` (Orbax: every member's runner
@@ -13,6 +14,15 @@ state — networks, optimiser, observation statistics, environments, keys — an
 policy alone), `metrics.csv` and `metrics.parquet` (one row per member and chunk of updates,
 with the val evaluation where it ran) and `evaluation.json` (the greedy policy on the val split;
 its mean episodic return is the sweep objective).
+
+`init=ARTIFACT` warm-starts a fresh run (for `sandhop learn`, which retrains an artifact's models
+on new data): the artifact is verified (`Artifact.load`), its env's actions, hidden size and
+`normalize_obs` must match this run's, and every member then starts from its policy network
+(embedding, actor, critic) and input normaliser; optimiser, environments and keys start fresh.
+The start is saved as update 0 and recorded in `init.json` (the artifact's folder, the sha256 of
+its manifest, which vouches for its weight files, and the agent run and member it came from),
+repeated under `init` in `evaluation.json`. A resumed run continues from its checkpoint instead
+(the artifact is still checked, and must be the init= the run started with).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +107,14 @@ class Trainer:
         self.runner = restored["runner"]
         return True
 
+    def start_from(self, start: "WarmStart") -> None:
+        """Every member's networks and observation statistics from `start` (a fresh run, before its
+        first update); optimiser, environments and keys stay as initialised."""
+        def broadcast(ours, theirs):
+            return jnp.broadcast_to(jnp.asarray(theirs, ours.dtype), ours.shape)
+        self.runner = self.runner._replace(params=jax.tree_util.tree_map(broadcast, self.runner.params, start.params),
+                                           norm=jax.tree_util.tree_map(broadcast, self.runner.norm, start.norm))
+
     def save(self, meta: dict) -> None:
         import orbax.checkpoint as ocp
         # On the host first: arrays merged from several devices would be saved with their
@@ -122,18 +141,20 @@ def run(cfg: Any, out: Path | None = None) -> dict:
         logging.getLogger(name).setLevel(logging.WARNING)
     use_compilation_cache()
     out = Path(out or cfg.out).expanduser().resolve()
+    config = PPOConfig.from_config(cfg.agent)
+    spec = EnvSpec.from_config(cfg.env)
+    # Checked before anything is written: a refused init= leaves no run folder to conflict with.
+    start = load_init(cfg.init, config, spec) if cfg.get("init") else None
     out.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     stored = out / "config.yaml"
     if stored.exists():
         before = OmegaConf.to_container(OmegaConf.load(stored), resolve=True)
-        changed = [k for k in ("agent", "env", "dataset", "seed") if before.get(k) != resolved.get(k)]
+        changed = [k for k in ("agent", "env", "dataset", "seed", "init") if before.get(k) != resolved.get(k)]
         if changed:
             raise AgentError(f"{out} holds a run with another {', '.join(changed)} config; resume with the same "
                              "settings (see its config.yaml) or use a new out=")
     stored.write_text(OmegaConf.to_yaml(resolved))
-    config = PPOConfig.from_config(cfg.agent)
-    spec = EnvSpec.from_config(cfg.env)
     progress = bool(cfg.get("progress", True))
     env = JaxSandboxEnv.from_episodes(_episodes("train", cfg, spec, progress), spec, progress=progress)
     if config.train_max_steps:   # training only: evaluation replays whole tests
@@ -141,9 +162,14 @@ def run(cfg: Any, out: Path | None = None) -> dict:
     want_eval = bool(cfg.get("evaluate", True)) or config.eval_every_chunks > 0
     val_env = JaxSandboxEnv.from_episodes(_episodes("val", cfg, spec, progress), spec) if want_eval else None
     trainer = Trainer(out, config, env, int(cfg.seed))
+    members = member_names(config, trainer.seeds)
+    init_json = out / "init.json"
     if trainer.start():
         print(f"sandhop-train-agent: resuming {out} at update {trainer.update} of {config.num_updates}")
-    members = member_names(config, trainer.seeds)
+    elif start is not None:
+        trainer.start_from(start)
+        init_json.write_text(json.dumps(start.record, indent=2) + "\n")
+        trainer.save({"update": 0, "num_updates": config.num_updates, "members": members})
     evaluate = jax.jit(jax.vmap(make_evaluate(config, val_env), in_axes=(0, 0, None))) if val_env else None
     metrics_csv = out / "metrics.csv"
     _drop_rows_after(metrics_csv, trainer.update)
@@ -154,6 +180,8 @@ def run(cfg: Any, out: Path | None = None) -> dict:
     chunks_done = 0
     try:
         while trainer.update < config.num_updates:
+            if stop_after is not None and chunks_done >= int(stop_after):
+                break
             started = time.perf_counter()
             trainer.runner, m = trainer.chunk(trainer.runner, trainer.hparams, env.params)
             m = jax.device_get(m)
@@ -173,18 +201,79 @@ def run(cfg: Any, out: Path | None = None) -> dict:
             bar.set_postfix(ret=f"{rows[0]['episodic_return']:.3f}", through=f"{rows[0]['attacks_through']:.2f}",
                             broken=f"{rows[0]['tests_broken']:.3f}", SPS=rows[0]["SPS"])
             chunks_done += 1
-            if stop_after is not None and chunks_done >= int(stop_after):
-                break
     finally:
         bar.close()
     _write_parquet(metrics_csv)
     result: dict = {"update": trainer.update, "num_updates": config.num_updates, "members": members}
+    if start is not None and init_json.exists():
+        result["init"] = json.loads(init_json.read_text())
     if cfg.get("evaluate", True) and trainer.update >= config.num_updates:
         val = _evaluate(evaluate, trainer.runner, val_env)
         result["val"] = [{**m, **v} for m, v in zip(members, val)]
         result["objective"] = float(np.mean([v["episodic_return"] for v in val]))
         (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """An exported policy and input normaliser that fit this run (`init=`), float32 numpy."""
+
+    params: dict   # as `init_network` lays them out: embed, actor, critic
+    norm: dict     # mean, var, count
+    record: dict   # where it came from (init.json)
+
+
+def load_init(path: str | Path, config: PPOConfig, spec: EnvSpec) -> WarmStart:
+    """The policy of the artifact at `path`, verified as the runtime verifies it, and checked to
+    fit this run: the same actions, dense inputs, hidden size and observation normalisation."""
+    from sandhop.enforcement.runtime import MANIFEST, POLICY_FILE, Artifact, ArtifactError, sha256_file
+    root = Path(path).expanduser().resolve()
+    try:
+        artifact = Artifact.load(root)
+    except ArtifactError as exc:
+        raise AgentError(f"init={root} cannot be used: {exc} (or train from scratch: init=null)") from exc
+    theirs, ours = artifact.env_spec.action_names(), spec.action_names()
+    if theirs != ours:
+        only_theirs = [a for a in theirs if a not in ours] or ["none"]
+        only_ours = [a for a in ours if a not in theirs] or ["none"]
+        raise AgentError(f"init={root}: its policy acts on other actions than this run's env (only in the artifact: "
+                         f"{', '.join(only_theirs)}; only in this run: {', '.join(only_ours)}); train with the "
+                         f"artifact's env.categories=[{','.join(artifact.env_spec.categories)}] or start from "
+                         "scratch (init=null)")
+    embed = artifact.policy.params["embed"]["w"]
+    if embed.ndim != 2:
+        raise AgentError(f"init={root}: {POLICY_FILE} holds embed.w of shape {embed.shape}, not a matrix; re-export "
+                         "the artifact or use init=null")
+    n_dense, _ = input_sizes(spec)
+    if embed.shape[0] != n_dense:
+        raise AgentError(f"init={root}: its policy reads {embed.shape[0]} dense inputs, this run's env gives "
+                         f"{n_dense} (another event model); re-export the artifact with this sandhop or use init=null")
+    if embed.shape[1] != config.hidden:
+        raise AgentError(f"init={root}: its policy has hidden size {embed.shape[1]}, this run's agent.hidden is "
+                         f"{config.hidden}; set agent.hidden={embed.shape[1]} (or init=null)")
+    normalized = bool(artifact.manifest["agent"]["normalize_obs"])
+    if normalized != config.normalize_obs:
+        raise AgentError(f"init={root}: its policy was trained with normalize_obs={normalized}, this run has "
+                         f"agent.normalize_obs={config.normalize_obs}; set agent.normalize_obs={normalized}")
+    # Every tensor's shape, where the checks above say nothing (an artifact at odds with itself).
+    from sandhop.agents.export import flatten
+    network = jax.eval_shape(lambda: init_network(jax.random.PRNGKey(0), spec, config.hidden))
+    expected = flatten({**jax.tree_util.tree_map(lambda a: np.zeros(a.shape), network),
+                        "norm": {"mean": np.zeros(n_dense), "var": np.zeros(n_dense), "count": np.zeros(())}})
+    weights = flatten({**artifact.policy.params, "norm": artifact.policy.norm})   # float32, as in the file
+    wrong = [f"{name} {weights[name].shape} (needs {a.shape})" for name, a in expected.items()
+             if weights[name].shape != a.shape]
+    if wrong:
+        raise AgentError(f"init={root}: {POLICY_FILE} does not fit this network ({'; '.join(wrong)}); re-export "
+                         "the artifact or use init=null")
+    policy = jax.tree_util.tree_map(lambda a: np.array(a, np.float32),
+                                    {"params": artifact.policy.params, "norm": artifact.policy.norm})
+    agent = artifact.manifest.get("agent", {})
+    record = {"artifact": str(root), "manifest_sha256": sha256_file(root / MANIFEST),
+              "policy_sha256": artifact.manifest["files"][POLICY_FILE], "created": artifact.manifest.get("created"),
+              "agent_run": agent.get("run"), "member": agent.get("member"), "seed": agent.get("seed")}
+    return WarmStart(policy["params"], policy["norm"], record)
 
 
 def use_compilation_cache() -> None:

@@ -5,6 +5,7 @@
     sandhop-train-risk dataset=default model=base train.epochs=4
     sandhop-train-risk experiment=adfa_ld               # LM-only anomaly detection on ADFA-LD
     sandhop-train-risk out=runs/risk/a                  # again: resumes where it stopped
+    sandhop-train-risk init=artifacts/a                 # start from an exported artifact's risk model
 
 The run folder (`out`) holds `config.yaml` (the resolved config), `spec.json` (the feature
 spec), `checkpoints/` (Orbax: model and optimiser state, step, epoch), `metrics.csv` (one row per
@@ -12,6 +13,14 @@ epoch) and, at the end, `evaluation.json` plus ROC and reliability plots. Traini
 tests together into rows of `train.seq_len` events (attention never crosses two tests) and
 crops long ones; each epoch's order is drawn from (seed, epoch), so a resumed run sees exactly
 the batches an uninterrupted one would.
+
+`init=ARTIFACT` (a `sandhop export` folder; test-trace datasets only) starts from that artifact's
+risk model, as `sandhop learn` retrains an artifact on new data: the artifact's feature spec is
+used as it is (not fitted on the training data, so ops it never saw encode as unknown), the
+model and feature settings must be the artifact's, and a fresh run loads every parameter from
+its `risk.safetensors` (the optimiser state starts fresh; a resumed run continues from its own
+checkpoint). The run folder then also holds `init.json`: the artifact's path, the sha256 of
+its manifest, its feature fingerprint and the risk run it was exported from.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from flax import nnx
 
 from sandhop.agents.features import UNK, Encoded, FeatureError, FeatureSpec, encode_episodes, fit_spec
 from sandhop.agents.risk_model import ModelConfig, RiskModel, losses, next_event_entropy, next_event_nll
+from sandhop.enforcement.runtime import (EVENT_MODEL, MANIFEST, RISK_FILE, ArtifactError, read_manifest,
+                                         sha256_file, verify_files)
 
 
 class TrainError(ValueError):
@@ -266,6 +277,32 @@ class Trainer:
     def current_model(self) -> RiskModel:
         return nnx.merge(self.graphdef, self.params, self.rest)
 
+    def load_weights(self, path: Path) -> None:
+        """Every parameter from an artifact's risk weights (named as `export.risk_weights` names
+        them), for a warm start; the optimiser state stays as it is (fresh)."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        from sandhop.agents.export import risk_weights
+        try:
+            stored = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise TrainError(f"{path} is not a readable safetensors file ({exc}); re-export the artifact") from None
+        model = self.current_model()
+        ours = risk_weights(model)  # name -> array, in the order of nnx.state(model, nnx.Param)'s leaves
+        problems = ([f"{name} is missing" for name in ours if name not in stored]
+                    + [f"{name} is not a parameter of this model" for name in stored if name not in ours]
+                    + [f"{name} has shape {stored[name].shape}, this model's {value.shape}"
+                       for name, value in ours.items() if name in stored and stored[name].shape != value.shape])
+        if problems:
+            raise TrainError(f"{path} does not fit this model ({'; '.join(problems[:5])}"
+                             f"{f'; and {len(problems) - 5} more' if len(problems) > 5 else ''}): the artifact "
+                             "was exported from another model or feature spec; re-export it, or start without init=")
+        params = nnx.state(model, nnx.Param)
+        leaves = [jnp.asarray(stored[name], leaf.dtype)
+                  for name, leaf in zip(ours, jax.tree_util.tree_leaves(params))]
+        self.params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), leaves)
+
     # ---- the loop
     def train_epoch(self, data: Packed, seed: int, batch_size: int, save_every: int, bar=None,
                     stop_after: int | None = None) -> dict:
@@ -383,10 +420,13 @@ def adfa_episodes(traces, spec: FeatureSpec | None = None, direction: str = "for
     return enc, spec
 
 
-def load_data(cfg: Any) -> tuple[dict[str, Encoded], FeatureSpec, str]:
-    """Encoded splits of the configured dataset: (splits, spec, kind)."""
+def load_data(cfg: Any, spec: FeatureSpec | None = None) -> tuple[dict[str, Encoded], FeatureSpec, str]:
+    """Encoded splits of the configured dataset: (splits, spec, kind). The spec is fitted on the
+    training split unless one is given (a warm start's: test-trace datasets only)."""
     kind = cfg.dataset.get("kind", "traces")
     if kind == "adfa_ld":
+        if spec is not None:
+            raise TrainError("ADFA-LD runs fit their own feature spec (system call names); start without init=")
         from sandhop.datasets.adfa import load_adfa
         traces = load_adfa(cfg.dataset.get("path"))
         training = [t for t in traces if t.split == "training"]
@@ -404,13 +444,74 @@ def load_data(cfg: Any) -> tuple[dict[str, Encoded], FeatureSpec, str]:
     root = splits.build(cfg.dataset, progress=bool(cfg.progress))
     tables = {name: splits.load(root, name) for name in splits.read_manifest(root)["splits"]}
     train_cols = tables["train"].to_pydict()
-    spec = fit_spec([train_cols], pieces=int(cfg.features.pieces), piece_buckets=int(cfg.features.piece_buckets),
-                    dt_buckets=int(cfg.features.dt_buckets))
+    if spec is None:
+        spec = fit_spec([train_cols], pieces=int(cfg.features.pieces),
+                        piece_buckets=int(cfg.features.piece_buckets), dt_buckets=int(cfg.features.dt_buckets))
     data = {"train": encode_episodes(train_cols, spec)}
     for name, table in tables.items():
         if name != "train":
             data[name] = encode_split(table, spec)
     return data, spec, kind
+
+
+# --------------------------------------------------------------------------- warm start
+
+@dataclass(frozen=True)
+class WarmStart:
+    """The artifact `init=` names, checked against this run's config: its folder, manifest,
+    feature spec and the sha256 of its manifest."""
+
+    root: Path
+    manifest: dict
+    spec: FeatureSpec
+    manifest_sha256: str
+
+    def record(self) -> dict:
+        """What the run's init.json says it started from."""
+        return {"artifact": str(self.root), "manifest_sha256": self.manifest_sha256,
+                "feature_fingerprint": self.spec.fingerprint(), "risk_run": self.manifest["risk"].get("run")}
+
+
+def read_warm_start(cfg: Any) -> WarmStart | None:
+    """The artifact of `cfg.init` (None when unset). Checked as far as the risk model needs: the
+    manifest, the sha256 of every weight file, the feature spec (its hash, this sandhop's event
+    model) and the model config; not the policy or tier templates, which a retrain may replace."""
+    if cfg.get("init") is None:
+        return None
+    kind = cfg.dataset.get("kind", "traces")
+    if kind != "traces":
+        raise TrainError(f"init={cfg.init}: an artifact's risk model reads test traces, this dataset is "
+                         f"{kind} (dataset.kind); train it from scratch (init=null)")
+    root = Path(str(cfg.init)).expanduser().resolve()
+    try:
+        manifest = read_manifest(root)
+        verify_files(root, manifest)
+    except ArtifactError as exc:
+        raise TrainError(f"init={root}: {exc}") from None
+    try:
+        spec = FeatureSpec.from_json(manifest["feature_spec"])
+        theirs = dict(manifest["risk"]["model"])
+    except (FeatureError, KeyError, TypeError, ValueError) as exc:
+        raise TrainError(f"init={root}: its manifest's feature spec or risk model cannot be read ({exc}); "
+                         "re-export the artifact with this sandhop") from None
+    if spec.fingerprint() != manifest.get("feature_fingerprint"):
+        raise TrainError(f"init={root}: the feature spec does not match its recorded hash ({spec.fingerprint()} "
+                         f"vs {manifest.get('feature_fingerprint')}): the manifest was edited; re-export the artifact")
+    differs = [k for k, ours in EVENT_MODEL.items() if tuple(getattr(spec, k)) != tuple(ours)]
+    if differs:
+        raise TrainError(f"init={root}: the artifact's feature spec differs from this sandhop's event model in "
+                         f"{', '.join(differs)}; train from scratch (init=null)")
+    ours = ModelConfig(**cfg.model).as_dict()
+    differs = [k for k in ours if k != "dropout" and ours[k] != theirs.get(k)]
+    if differs:
+        raise TrainError(f"init={root}: the model config differs from the artifact's risk model in "
+                         f"{', '.join(f'{k} ({ours[k]} here, {theirs.get(k)} there)' for k in differs)}; pass "
+                         f"{' '.join(f'model.{k}={theirs.get(k)}' for k in differs)} (or the model=... that has them)")
+    differs = [k for k in ("pieces", "piece_buckets", "dt_buckets") if int(cfg.features[k]) != getattr(spec, k)]
+    if differs:
+        raise TrainError(f"init={root}: the features config differs from the artifact's feature spec in "
+                         f"{', '.join(differs)}; pass {' '.join(f'features.{k}={getattr(spec, k)}' for k in differs)}")
+    return WarmStart(root, manifest, spec, sha256_file(root / MANIFEST))
 
 
 # --------------------------------------------------------------------------- the app
@@ -421,18 +522,19 @@ def run(cfg: Any) -> dict:
     from omegaconf import OmegaConf
     for name in ("absl", "jax", "orbax"):  # their INFO lines would drown the progress bar under Hydra
         logging.getLogger(name).setLevel(logging.WARNING)
+    warm = read_warm_start(cfg)  # before the run folder is written: a refused init leaves nothing behind
     out = Path(cfg.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     stored = out / "config.yaml"
     if stored.exists():
         before = OmegaConf.to_container(OmegaConf.load(stored), resolve=True)
-        changed = [k for k in ("model", "dataset", "features") if before.get(k) != resolved.get(k)]
+        changed = [k for k in ("model", "dataset", "features", "init") if before.get(k) != resolved.get(k)]
         if changed:
             raise TrainError(f"{out} holds a run with another {', '.join(changed)} config; resume with the "
                              "same settings (see its config.yaml) or use a new out=")
     stored.write_text(OmegaConf.to_yaml(resolved))
-    data, spec, kind = load_data(cfg)
+    data, spec, kind = load_data(cfg, None if warm is None else warm.spec)
     check_spec_file(out, spec)
     model_cfg = ModelConfig(**cfg.model)
     seq_len = int(cfg.train.seq_len)
@@ -443,6 +545,10 @@ def run(cfg: Any) -> dict:
     trainer = Trainer(out, spec, model_cfg, cfg.train, total, int(cfg.seed))
     if trainer.restore():
         print(f"sandhop-train-risk: resuming {out} at step {trainer.step} (epoch {trainer.epoch})")
+    elif warm is not None:
+        trainer.load_weights(warm.root / RISK_FILE)
+        (out / "init.json").write_text(json.dumps(warm.record(), indent=2) + "\n")
+        print(f"sandhop-train-risk: starting from the risk model of {warm.root}")
     from tqdm import tqdm
     bar = tqdm(total=total, initial=trainer.step, desc="training risk model", unit="step", disable=not cfg.progress)
     started = timer()

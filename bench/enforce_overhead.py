@@ -1,12 +1,20 @@
-"""Wall time of a real suite plain vs. under `--sandhop-policy medium`, interleaved, as a ratio.
+"""Wall time of a real suite plain vs. enforced (a policy tier, or an exported artifact), as a ratio.
 
-    python bench/enforce_overhead.py [SUITE_DIR] [--policy medium] [--rounds 5] [-- PYTEST_ARGS...]
+    python bench/enforce_overhead.py [--policy medium | --artifact DIR] [--rounds 5] [SUITE_DIR]
+                                     [-- PYTEST_ARGS...]
+
+(options before SUITE_DIR: everything after it goes to pytest.)
 
 SUITE_DIR is a source tree whose tests run with `python -m pytest` from it (PYTHONPATH gets its
 `src/` when there is one). Without it, the bundled click sdist is unpacked and run with its
-recipe. Runs alternate plain and enforced (same interpreter, same sources) so machine noise hits
-both alike; it also checks that the policy broke no test (the outcome counts must be equal). The
-last output line is one JSON object.
+recipe. Enforced runs use `--sandhop-policy POLICY` (default medium), or with `--artifact DIR`
+`--sandhop-enforce DIR`: the artifact's risk model and sandbox manager act on every event (make
+one with `sandhop export`). Runs alternate plain and enforced (same interpreter, same sources) so
+machine noise hits both alike; it also checks that enforcing broke no test (the outcome counts
+must be equal; tests whose outcome differs are named, and the script then exits 1). From the
+plugin's summary line of the last enforced run it reports the operations denied and redirected,
+and in artifact mode the events the manager scored and the actions it took. The last output line
+is one JSON object.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -33,22 +42,67 @@ def bundled_click(work: Path) -> tuple[Path, list[str], str]:
     return unpack_sdist(archive, work / "src"), list(pytest_argv(recipe)), recipe.spec
 
 
-def outcomes(junit: Path) -> dict[str, int]:
-    counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+def outcomes(junit: Path) -> dict[str, str]:
+    """Each test case's outcome (passed, failed, error or skipped), by its junit id."""
+    out = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
         kinds = {child.tag for child in case}
         key = "failed" if "failure" in kinds else "error" if "error" in kinds else "skipped" if "skipped" in kinds else "passed"
-        counts[key] += 1
-    return counts
+        out[f"{case.get('classname')}::{case.get('name')}"] = key
+    return out
+
+
+def counts(results: dict[str, str]) -> dict[str, int]:
+    totals = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+    for key in results.values():
+        totals[key] += 1
+    return totals
+
+
+# The plugin's terminal summary line, e.g. "sandhop: artifact /tmp/a (base tier observe; 2892 events
+# scored in 403 tests and collectors, 79 manager actions) (enforce): denied 0 operations, redirected 0"
+SUMMARY = re.compile(r"sandhop: (?:policy .*|artifact .*; (?P<events>\d+) events scored in (?P<episodes>\d+) tests "
+                     r"and collectors, (?P<actions>\d+) manager actions\)) \((?:enforce|audit)\): "
+                     r"(?:would have )?denied (?P<denied>\d+) operations, redirected (?P<redirected>\d+)")
+
+
+def enforcement_summary(stdout: str, artifact: bool) -> dict[str, int]:
+    """What the plugin's summary line says the enforced run did."""
+    lines = list(SUMMARY.finditer(stdout))
+    found = lines[-1] if lines else None
+    if found is None or (artifact and found["events"] is None):
+        kind = "artifact (… events scored in … tests and collectors, … manager actions)" if artifact else "policy"
+        sys.exit(f"the enforced run printed no sandhop summary line of the form 'sandhop: {kind} (enforce): "
+                 f"denied N operations, redirected M'; did the plugin's summary change? Its output ended:\n"
+                 f"{stdout[-2000:]}")
+    names = ("events", "episodes", "actions", "denied", "redirected") if artifact else ("denied", "redirected")
+    return {name: int(found[name]) for name in names}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("suite_dir", nargs="?", help="a source tree with tests (default: the bundled click suite)")
-    ap.add_argument("--policy", default="medium")
+    ap.add_argument("--policy", default=None, help="tier or policy file to enforce (default medium)")
+    ap.add_argument("--artifact", metavar="DIR", default=None,
+                    help="enforce with this exported artifact (--sandhop-enforce DIR) instead of a policy")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: extra pytest arguments")
     args = ap.parse_args()
+    if args.policy and args.artifact:
+        ap.error("--policy and --artifact both say what to enforce; pass one")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    if args.artifact:
+        from sandhop.enforcement.runtime import Artifact, ArtifactError
+        artifact = Path(args.artifact).expanduser().resolve()
+        try:
+            Artifact.load(artifact)  # fail here, not after the first unmeasured run
+        except ArtifactError as exc:
+            sys.exit(f"--artifact {args.artifact}: {exc}")
+        policy, mode, enforce, label = None, "artifact", [f"--sandhop-enforce={artifact}"], f"artifact {artifact.name}"
+    else:
+        artifact, policy = None, args.policy or "medium"
+        mode, enforce, label = "policy", [f"--sandhop-policy={policy}"], policy
 
     work = Path(tempfile.mkdtemp(prefix="sandhop-bench-"))
     extra = [a for a in args.pytest_args if a != "--"]
@@ -62,32 +116,53 @@ def main() -> None:
         env["PYTHONPATH"] = str(src / "src")
     base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *argv]
 
-    def timed(flags: list[str], junit: Path) -> float:
+    def timed(flags: list[str], junit: Path) -> tuple[float, str]:
         start = time.perf_counter()
         proc = subprocess.run(base + flags + [f"--junitxml={junit}"], cwd=src, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         elapsed = time.perf_counter() - start
         if proc.returncode not in (0, 1):
-            sys.exit(f"pytest failed to run {name} (exit {proc.returncode}): {proc.stderr[-2000:]}")
-        return elapsed
+            sys.exit(f"pytest failed to run {name} (exit {proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        return elapsed, proc.stdout
 
     timed([], work / "warm.xml")  # warm the page cache and bytecode caches once, unmeasured
     plain, enforced = [], []
-    plain_outcomes = enforced_outcomes = None
+    differing: dict[str, tuple[str | None, str | None]] = {}  # over all rounds: test -> (plain, enforced)
     for i in range(args.rounds):
-        plain.append(timed([], work / "plain.xml"))
-        enforced.append(timed([f"--sandhop-policy={args.policy}"], work / "enforced.xml"))
-        plain_outcomes, enforced_outcomes = outcomes(work / "plain.xml"), outcomes(work / "enforced.xml")
-        print(f"round {i + 1}/{args.rounds}: plain {plain[-1]:.2f}s  {args.policy} {enforced[-1]:.2f}s  "
-              f"outcomes plain {plain_outcomes} enforced {enforced_outcomes}", flush=True)
+        plain.append(timed([], work / "plain.xml")[0])
+        seconds, stdout = timed(enforce, work / "enforced.xml")
+        enforced.append(seconds)
+        plain_results, enforced_results = outcomes(work / "plain.xml"), outcomes(work / "enforced.xml")
+        for test in sorted(plain_results.keys() | enforced_results.keys()):
+            if plain_results.get(test) != enforced_results.get(test):
+                differing[test] = (plain_results.get(test), enforced_results.get(test))
+        print(f"round {i + 1}/{args.rounds}: plain {plain[-1]:.2f}s  {label} {enforced[-1]:.2f}s  "
+              f"outcomes plain {counts(plain_results)} enforced {counts(enforced_results)}", flush=True)
+    summary = enforcement_summary(stdout, artifact is not None)
     shutil.rmtree(work, ignore_errors=True)
+    plain_outcomes, enforced_outcomes = counts(plain_results), counts(enforced_results)
+    equal = plain_outcomes == enforced_outcomes and not differing
+    if not equal:
+        print(f"OUTCOMES DIFFER between plain and enforced ({label}) runs: {len(differing)} test(s) "
+              f"(plain -> enforced, in some round):", flush=True)
+        for test, (was, now) in list(differing.items())[:20]:
+            print(f"  {test}: {was} -> {now}")
     ratio = statistics.median(enforced) / statistics.median(plain)
-    print(json.dumps({"bench": "enforce_overhead", "suite": name, "policy": args.policy, "rounds": args.rounds,
-                      "plain_median_s": round(statistics.median(plain), 3),
-                      "enforced_median_s": round(statistics.median(enforced), 3),
-                      "ratio": round(ratio, 3), "target_ratio": 1.10,
-                      "outcomes_equal": plain_outcomes == enforced_outcomes,
-                      "plain_outcomes": plain_outcomes, "enforced_outcomes": enforced_outcomes}))
+    result = {"bench": "enforce_overhead", "suite": name, "mode": mode,
+              "policy": policy, "artifact": str(artifact) if artifact else None,
+              "rounds": args.rounds,
+              "plain_median_s": round(statistics.median(plain), 3),
+              "enforced_median_s": round(statistics.median(enforced), 3),
+              "ratio": round(ratio, 3), "target_ratio": 1.10,
+              "outcomes_equal": equal, "plain_outcomes": plain_outcomes, "enforced_outcomes": enforced_outcomes,
+              "differing_tests": sorted(differing)[:20],
+              "denied": summary["denied"], "redirected": summary["redirected"]}
+    if artifact is not None:
+        result.update(manager_events=summary["events"], manager_episodes=summary["episodes"],
+                      manager_actions=summary["actions"])
+    print(json.dumps(result))
+    if not equal:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

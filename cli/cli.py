@@ -134,6 +134,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def _cmd_learn(args: argparse.Namespace) -> int:
+    from sandhop.agents.learn import learn, render
+    report = learn(args.logs, args.source, args.out, work=args.work, risk_overrides=args.risk,
+                   agent_overrides=args.agent, share=args.share, force=args.force)
+    print(render(report))
+    print(f"next artifact: {report['out']} (report: {report['out']}/learn_report.md)")
+    return 0
+
+
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from sandhop.enforcement import audit
     key = _audit_key(args)
@@ -264,6 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="if the artifact cannot be used, run this static tier instead (and say so)")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="arguments for pytest, after --")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("learn", help="turn audit logs of runs enforced with an artifact into training data, "
+                                     "retrain both models from it and export the next artifact with a report")
+    p.add_argument("--logs", nargs="+", required=True, metavar="AUDIT_LOG",
+                   help="audit logs of runs under pytest --sandhop-enforce (suites and/or the live probes)")
+    p.add_argument("--from", dest="source", required=True, metavar="ARTIFACT_DIR", help="the artifact they ran under")
+    p.add_argument("--out", required=True, metavar="NEW_ARTIFACT_DIR")
+    p.add_argument("--work", metavar="DIR", default=None,
+                   help="folder for the new traces and training runs (default: .<out>.work beside --out)")
+    p.add_argument("--risk", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of the risk retraining config, e.g. train.epochs=2")
+    p.add_argument("--agent", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of the manager retraining config, e.g. agent.total_timesteps=20000000")
+    p.add_argument("--share", type=float, default=0.1,
+                   help="share of the training tests the new logs' tests make (their runs are repeated to "
+                        "reach it; default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(func=_cmd_learn)
 
     p = sub.add_parser("audit", help="verify audit logs of enforced runs, or export their decisions")
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)

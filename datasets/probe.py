@@ -544,12 +544,23 @@ def agreement(scenario: sc.Scenario | str, events: Sequence[Mapping]) -> list[st
     generator gives the step (other events may come between; a child step in another process).
     Steps of an unordered group may appear in any order (a browser reports a DOM change and
     requests the script it adds in either order)."""
+    return match_steps(scenario, events)[1]
+
+
+def match_steps(scenario: sc.Scenario | str, events: Sequence[Mapping], *, partial: bool = False
+                ) -> tuple[dict[int, list[int]], list[str]]:
+    """Where each generated step of the scenario lies in a probe's recording: {step index:
+    [event indices]} and the problems (see `agreement`). The learning loop labels a probe's
+    live events with it (malicious, and which one is the damaging step); `partial`: the steps
+    found before the first missing one, without a problem (an attack the sandbox stopped does
+    not get to its later steps)."""
     s = sc.get(scenario) if isinstance(scenario, str) else scenario
     if not events:
-        return [f"{s.id}: the probe {PROBES[s.id].events} recorded no events"]
+        return {}, [f"{s.id}: the probe {PROBES[s.id].events} recorded no events"]
     main_pid = events[0]["pid"]
     groups = {i: g for g in s.unordered for i in g}
     at = group_from = group_to = 0
+    where: dict[int, list[int]] = {}
     for step in expected_steps(s):
         group = groups.get(step.index)
         if group is not None and step.index == group[0]:
@@ -561,11 +572,14 @@ def agreement(scenario: sc.Scenario | str, events: Sequence[Mapping]) -> list[st
                           and events[i]["target_class"] in step.classes
                           and (events[i]["pid"] != main_pid) == step.child), None)
             if found is None:
+                if partial:
+                    return where, []
                 seen = [(e["category"], e["op"], e["target_class"], e["target"][:60]) for e in events[pos:]
                         if e["category"] == step.category]
-                return [f"{s.id}: step {step.index} ({step.category} {step.op}, class in "
-                        f"{sorted(step.classes)}{', in a child' if step.child else ''}; occurrence {n + 1}) "
-                        f"is not in the recording after event {pos}; {step.category} events there: {seen}"]
+                return where, [f"{s.id}: step {step.index} ({step.category} {step.op}, class in "
+                               f"{sorted(step.classes)}{', in a child' if step.child else ''}; occurrence {n + 1}) "
+                               f"is not in the recording after event {pos}; {step.category} events there: {seen}"]
+            where.setdefault(step.index, []).append(found)
             pos = found + 1
         if group is None:
             at = pos
@@ -573,7 +587,7 @@ def agreement(scenario: sc.Scenario | str, events: Sequence[Mapping]) -> list[st
             group_to = max(group_to, pos)
             if step.index == group[-1]:
                 at = group_to
-    return []
+    return where, []
 
 
 # --------------------------------------------------------------------------- command line

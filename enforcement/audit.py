@@ -673,7 +673,9 @@ def _span(numbers: Iterable[int]) -> str:
 def export(logs: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str | os.PathLike, *,
            key: bytes | None = None, force: bool = False) -> Path:
     """Write the decision records of audit logs as trace runs under `out_dir` (one Parquet file
-    per run id, in the trace schema plus a `rule` column) and return `out_dir`.
+    per run id, in the trace schema plus a `rule` column) and return `out_dir`. A run enforced
+    with an artifact also logs every allowed event its manager scored (`event` records), so its
+    export is the whole trace of what the tests did, with the risk of each event.
 
     Each log is verified first; a broken chain is refused unless `force`, since its records may
     have been altered. An unsealed log (a killed run) exports what it holds. Suite and run id
@@ -711,7 +713,7 @@ def export(logs: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str |
                     suites[run_id] = str(record["suite"])
             elif kind == "test" and record.get("test_id"):
                 outcomes[(str(record.get("run_id") or run_id), record["test_id"])] = record.get("outcome", "")
-            elif kind == "decision":
+            elif kind in ("decision", "event"):  # events: allowed ones a learned manager scored
                 rid = str(record.get("run_id") or run_id)
                 decisions.setdefault(rid, []).append((f"{log} record {record['n']}", record))
     if not decisions:

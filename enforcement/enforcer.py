@@ -32,8 +32,9 @@ from sandhop.enforcement.tracer import ENV_GUARD, Tracer
 class Enforcer:
     def __init__(self, policy: str | None, *, mode: str = "enforce", audit_log: str | None = None,
                  allow_degraded: bool = False, basetemp: str | None = None, artifact: str | None = None,
-                 fallback_tier: str | None = None) -> None:
+                 fallback_tier: str | None = None, suite: str = "") -> None:
         self.policy = policy
+        self.suite = suite
         self.artifact_path = artifact
         self.fallback_tier = fallback_tier
         self.artifact = None
@@ -90,12 +91,13 @@ class Enforcer:
             # The key signs the log; the code under test never needs to see it.
             os.environ.pop("SANDHOP_AUDIT_KEY", None)
             self.audit.append({"kind": "session", "event": "start", "run_id": self.run_id,
-                               "policy": self.policy, "mode": self.mode, "pid": os.getpid(),
+                               "policy": self.policy, "mode": self.mode, "pid": os.getpid(), "suite": self.suite,
                                "t": time.time(), **self._artifact_summary()})
         if self.artifact is not None:
             from sandhop.enforcement.runtime import Manager
             self.manager = Manager(self.artifact, engine)
             self.guard.use_manager(self.manager, self._config_changed)
+            self.guard.record_events = self.audit is not None
         self.guard.install()
         try:
             self.guard.selftest()
@@ -127,6 +129,11 @@ class Enforcer:
             sys.stderr.write(f"sandhop: {self.fallback_note}\n")
             return
         self.policy = self.artifact.base_tier
+
+    def _audit(self, record: dict) -> None:
+        # The log's writes (a batch flush may come in any hook) are the guard's own footprint,
+        # never decided under a test's or collector's config.
+        self.guard._busy(self.audit.append, record)
 
     def _artifact_summary(self) -> dict:
         if self.artifact is not None:
@@ -233,7 +240,7 @@ class Enforcer:
                             "rule": "guard:integrity", "test_id": nodeid,
                             "message": "sandhop: the guard was tampered with: " + "; ".join(tampered)})
             if self.audit is not None and os.getpid() == self._pid:
-                self.audit.append({"kind": "decision", "run_id": self.run_id, "test_id": nodeid,
+                self._audit({"kind": "decision", "run_id": self.run_id, "test_id": nodeid,
                                    "category": "sys.tamper", "op": "integrity", "target": "sandhop.guard",
                                    "target_class": "interpreter", "decision": "deny", "rule": "guard:integrity",
                                    "tier": self.guard.config.tier, "mode": self.mode,
@@ -274,7 +281,9 @@ class Enforcer:
             except ValueError:
                 continue
             kind = rec.get("kind", "decision")
-            if kind == "episode":
+            if kind == "event":
+                pass  # an allowed scored event: for the audit log only
+            elif kind == "episode":
                 self.managed["episodes"] += 1
                 self.managed["events"] += int(rec.get("events", 0))
             elif kind == "action":
@@ -284,13 +293,13 @@ class Enforcer:
                 self.totals[rec.get("decision", "deny")] = self.totals.get(rec.get("decision", "deny"), 0) + 1
                 self._pending.setdefault(rec.get("test_id", ""), []).append(rec)
             if self.audit is not None and os.getpid() == self._pid:  # not in a forked worker
-                self.audit.append(rec)
+                self._audit(rec)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.failed and report.nodeid not in self.failed_tests:
             self.failed_tests.append(report.nodeid)
         if self.audit is not None and os.getpid() == self._pid and (report.when == "call" or report.failed or report.skipped):
-            self.audit.append({"kind": "test", "run_id": self.run_id, "test_id": report.nodeid,
+            self._audit({"kind": "test", "run_id": self.run_id, "test_id": report.nodeid,
                                "phase": report.when, "outcome": report.outcome})
 
     # ----------------------------------------------------------------- finish
@@ -305,10 +314,10 @@ class Enforcer:
         if self.unreported and self.mode == "enforce" and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if self.audit is not None:
-            self.audit.append({"kind": "session", "event": "finish", "run_id": self.run_id,
+            self._audit({"kind": "session", "event": "finish", "run_id": self.run_id,
                                "exitstatus": int(exitstatus), "denied": self.totals.get("deny", 0),
                                "redirected": self.totals.get("redirect", 0), "t": time.time()})
-            self.audit.close()
+            self.guard._busy(self.audit.close)
 
     def _at_exit(self) -> None:
         """Runs after every other exit handler (registered first): denials made by handlers that

@@ -121,6 +121,7 @@ class Guard:
         # event's config before the engine decides it. `on_config` hears of every change it makes.
         self.manager = self._expected_manager = None
         self.on_config = None
+        self.record_events = False   # also write allowed scored events (an audit log is kept)
         self._manager_lock = threading.Lock()
 
     @classmethod
@@ -283,6 +284,14 @@ class Guard:
         d = (decide or self.decide)(category, target, cls)
         if said is not None:
             self._busy(self.manager.decided, d.effect)
+            if self.record_events and d.effect == "allow":
+                # every scored event reaches the audit log (non-allow ones as decisions), so a
+                # log becomes a whole trace for the learning loop (`sandhop audit export`)
+                self._write({"kind": "event", "run_id": self.spec.run_id, "test_id": self.tracer.test_id,
+                             "phase": self.tracer.phase, "pid": os.getpid(),
+                             "t_ns": time.monotonic_ns() - self.tracer.t0_ns, "category": category, "op": op,
+                             "target": target, "target_class": cls, "decision": "allow",
+                             "tier": self.config.tier, "risk": round(said["risk"], 6), "action": said["action"]})
         return d, said
 
     def _decision(self, category: str, target: str, cls: str) -> Decision:

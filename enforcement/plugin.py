@@ -36,7 +36,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="record a trace of this run (every file, network, process, import, "
                          "native-code and env event) into the Parquet dataset DIR")
     group.addoption("--sandhop-suite", metavar="NAME==VERSION", default=None,
-                    help="suite name stored with the trace (default: <rootdir name>==local)")
+                    help="suite name stored with the trace and the audit log (default: <rootdir name>==local)")
     group.addoption("--sandhop-policy", metavar="TIER_OR_FILE", default=None,
                     help="enforce a tier (observe, low, medium, high, lockdown) or a policy file")
     group.addoption("--sandhop-enforce", metavar="ARTIFACT_DIR", default=None,
@@ -85,7 +85,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser, args) -> 
         from sandhop.enforcement.enforcer import Enforcer
         enforcer = Enforcer(policy, mode=ns.sandhop_mode, audit_log=ns.sandhop_audit_log,
                             allow_degraded=ns.sandhop_allow_degraded,
-                            basetemp=getattr(ns, "basetemp", None), artifact=artifact, fallback_tier=fallback)
+                            basetemp=getattr(ns, "basetemp", None), artifact=artifact, fallback_tier=fallback,
+                            suite=ns.sandhop_suite or f"{Path(early_config.invocation_params.dir).name}==local")
         pm.register(enforcer, "sandhop-enforcer")
         tracer = enforcer.start(tracer)
     pm.register(Attribution(tracer), "sandhop-attribution")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from sandhop.agents.features import N_FIXED, PAD, FeatureError, FeatureSpec, dt_
 from sandhop.agents.network import heads, normalize, policy_inputs
 from sandhop.enforcement.engine import TIERS, PolicyEngine, SandboxConfig
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, PHASES, TARGET_CLASSES
-from sandhop.envs.spec import (EnvSpec, action_mask, apply_action, progress_of, push_recent)
+from sandhop.envs.spec import PROGRESS_EVENTS, EnvSpec, action_mask, apply_action, progress_of, push_recent
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -106,13 +107,15 @@ class RiskState:
     position: int = 0
     prediction: np.ndarray | None = None   # LM logits (category, op, class) for the next event
     last_t_ns: int | None = None
+    node: int = 0   # where this test's events so far lie in the prefix cache (0: its root, -1: off it)
 
 
 class RiskRuntime:
     """`RiskModel.step` in numpy, plus the calibrated score: per event, (risk in [0, 1], tag
     probabilities, risk logit, surprise)."""
 
-    def __init__(self, weights: dict[str, np.ndarray], spec: FeatureSpec, model: dict, calibrator: dict) -> None:
+    def __init__(self, weights: dict[str, np.ndarray], spec: FeatureSpec, model: dict, calibrator: dict,
+                 cache_limit: int = 20000) -> None:
         self.spec = spec
         self.width, self.layers = int(model["width"]), int(model["layers"])
         self.n_heads, self.context = int(model["heads"]), int(model["context"])
@@ -159,6 +162,20 @@ class RiskRuntime:
         self.swap = np.arange(self.head_dim).reshape(-1, 2)[:, ::-1].reshape(-1)
         self.sign = np.tile(np.array([-1.0, 1.0], np.float32), self.head_dim // 2)
         self.inv_n = 1.0 / self.width
+        # Prefix cache: tests of a suite often begin with the same events (fixtures, imports).
+        # The model's state after a prefix depends on the encoded events alone, so a trie of
+        # prefixes holds, per event, its key/value columns and outputs: a hit replays them
+        # (exact) instead of running the network. Bounded; when full, new prefixes run uncached.
+        # Nodes are rows of preallocated arrays and keys are bytes, so caching creates no objects
+        # the garbage collector tracks (a suite's leak test counts them: gc.get_objects()).
+        self.prefixes: dict[bytes, int] = {}
+        self.cached, self.cache_limit = 0, cache_limit
+        n = cache_limit + 1
+        self._kv = np.zeros((n, 2, self.layers, self.n_heads, self.head_dim), np.float32)
+        self._lm = np.zeros((n, int(edges[3])), np.float32)
+        self._tags = np.zeros((n, sizes[4]), np.float32)
+        self._scalars = np.zeros((n, 3), np.float64)   # risk, logit, surprise
+        self.hits = self.misses = 0
         self.c1 = np.float32(math.sqrt(2 / math.pi))
         self.c2 = np.float32(math.sqrt(2 / math.pi) * 0.044715)
 
@@ -178,22 +195,38 @@ class RiskRuntime:
     def step(self, state: RiskState, row: np.ndarray, embedded: np.ndarray | None = None
              ) -> tuple[float, np.ndarray, float, float]:
         """Score one encoded event [width] and advance the state; `embedded`: `embed(row)`."""
-        x = (self.embed(row) if embedded is None else embedded) + self.tables[4][row[4]]
         p = state.position
         slot = p % self.context
+        node = state.node
+        if node >= 0:
+            key = node.to_bytes(4, "little") + row.tobytes()
+            hit = self.prefixes.get(key)
+            if hit is not None:
+                kv = self._kv[hit]
+                state.keys[:, :, :, slot] = kv[0]
+                state.values[:, :, slot, :] = kv[1]
+                state.prediction, state.position, state.node = self._lm[hit], p + 1, hit
+                self.hits += 1
+                risk, logit, surprise = self._scalars[hit]
+                return float(risk), self._tags[hit], float(logit), float(surprise)
+        self.misses += 1
+        x = (self.embed(row) if embedded is None else embedded) + self.tables[4][row[4]]
         filled = min(p + 1, self.context)
         angles = p * self.freqs
         cos = np.repeat(np.cos(angles), 2).astype(np.float32)
         sin = np.repeat(np.sin(angles), 2).astype(np.float32) * self.sign
         heads, hd, w, inv_n = self.n_heads, self.head_dim, self.width, self.inv_n
         keys_all, values_all = state.keys, state.values
+        ks, vs = [], []
         for layer, (qkv_w, qkv_b, out_w, out_b, up_w, up_b, down_w, down_b) in enumerate(self.blocks):
             qkv = _normalize(x, inv_n) @ qkv_w + qkv_b
             qk = qkv[:2 * w].reshape(2 * heads, hd)
             qk = qk * cos + qk[:, self.swap] * sin
             keys, values = keys_all[layer], values_all[layer]
-            keys[:, :, slot] = qk[heads:]
-            values[:, slot, :] = qkv[2 * w:].reshape(heads, hd)
+            ks.append(qk[heads:])
+            vs.append(qkv[2 * w:].reshape(heads, hd))
+            keys[:, :, slot] = ks[-1]
+            values[:, slot, :] = vs[-1]
             scores = np.matmul(qk[:heads, None, :], keys[:, :, :filled])
             scores = np.exp(scores - scores.max(axis=2, keepdims=True))
             attended = np.matmul(scores / scores.sum(axis=2, keepdims=True), values[:, :filled, :])
@@ -212,6 +245,15 @@ class RiskRuntime:
         z = min(max(a * logit + bb * surprise + cc, -60.0), 60.0)
         risk = 1.0 / (1.0 + math.exp(-z))
         tags = (1.0 / (1.0 + np.exp(-out[self.cuts[4]]))).astype(np.float32)
+        if node >= 0 and self.cached < self.cache_limit:
+            self.cached += 1
+            state.node = self.cached
+            self.prefixes[key] = self.cached
+            self._kv[self.cached, 0], self._kv[self.cached, 1] = ks, vs
+            self._lm[self.cached], self._tags[self.cached] = lm, tags
+            self._scalars[self.cached] = risk, logit, surprise
+        else:
+            state.node = -1
         return risk, tags, logit, surprise
 
     def _surprise(self, lm: np.ndarray, row: np.ndarray) -> float:
@@ -395,21 +437,24 @@ class Manager:
         self.actions = self.spec.action_names()
         self.keep_steps = keep_steps
         self.episode: _Episode | None = None
-        self._features: dict[tuple, np.ndarray] = {}
+        self._features: dict[tuple, tuple] = {}
+        self._actions: dict[bytes, int] = {}
         self.events = 0
 
     def begin(self, test_id: str, config: SandboxConfig) -> None:
         self.episode = _Episode(test_id, config, self.artifact.risk.new_state(),
                                 np.zeros(self.spec.n_categories, np.int64))
 
-    def features(self, category: str, op: str, target: str, cls: str, phase: str) -> np.ndarray:
+    def features(self, category: str, op: str, target: str, cls: str, phase: str) -> tuple[np.ndarray, np.ndarray]:
+        """The event's features and embedding (both cached: the same operations recur)."""
         key = (category, op, target, cls, phase)
-        row = self._features.get(key)
-        if row is None:
+        hit = self._features.get(key)
+        if hit is None:
             if len(self._features) > 65536:
                 self._features.clear()
-            row = self._features[key] = self.fspec.encode_event(category, op, target, cls, phase)
-        return row
+            row = self.fspec.encode_event(category, op, target, cls, phase)
+            hit = self._features[key] = (row, self.artifact.risk.embed(row))
+        return hit
 
     def observe(self, category: str, cls: str, risk: float, tags: np.ndarray) -> dict:
         ep = self.episode
@@ -425,10 +470,23 @@ class Manager:
         """The config this event is decided under, and what the models said (for the audit)."""
         ep = self.episode
         risk_model = self.artifact.risk
-        row = risk_model.encode(ep.risk, self.features(category, op, target, cls, phase), t_ns)
-        risk, tags, logit, surprise = risk_model.step(ep.risk, row)
-        obs = self.observe(category, cls, risk, tags)
-        action = self.artifact.policy.act(obs)
+        features, embedded = self.features(category, op, target, cls, phase)
+        row = risk_model.encode(ep.risk, features, t_ns)
+        risk, tags, logit, surprise = risk_model.step(ep.risk, row, embedded)
+        # The action is a function of the observation alone; this key determines it exactly
+        # (the recent-decision bits and the capped event count are finer than what it shows).
+        # (bytes: a key creates no object the garbage collector tracks; see RiskRuntime)
+        key = b"".join((struct.pack("<dqqqq", risk, ep.config.level, int(ep.denied), int(ep.redirected),
+                                    min(ep.events, PROGRESS_EVENTS)), tags.tobytes(), ep.permissions.tobytes(),
+                        f"{category}\0{cls}".encode()))
+        obs = self.observe(category, cls, risk, tags) if self.keep_steps else None
+        action = self._actions.get(key)
+        if action is None:
+            obs = obs if obs is not None else self.observe(category, cls, risk, tags)
+            action = self.artifact.policy.act(obs)
+            if len(self._actions) > 65536:
+                self._actions.clear()
+            self._actions[key] = action
         if action:
             ep.config, _, _ = apply_action(self.engine, ep.config, ep.permissions, action, self.spec)
             ep.actions += 1
@@ -445,3 +503,18 @@ class Manager:
         window = self.spec.recent_window
         ep.denied = push_recent(np, ep.denied, np.bool_(effect == "deny"), window)
         ep.redirected = push_recent(np, ep.redirected, np.bool_(effect == "redirect"), window)
+
+    def replay(self, test_id: str, events: dict, config: SandboxConfig | None = None) -> list[str]:
+        """Run a recorded test (event columns category, op, target, target_class, phase, t_ns,
+        in order) through the manager and the engine, as the guard would live: the decision
+        effect of each event."""
+        self.begin(test_id, config or self.engine.config(self.spec.base_tier))
+        effects = []
+        for cat, op, target, cls, phase, t in zip(events["category"], events["op"], events["target"],
+                                                  events["target_class"], events["phase"], events["t_ns"]):
+            config, _ = self.event(cat, op, target, cls, phase, int(t))
+            effect = self.engine.decide_target(cat, target, cls, config).effect
+            self.decided(effect)
+            effects.append(effect)
+        return effects
+

@@ -336,3 +336,24 @@ def test_lockdown_fails_closed_without_landlock(pytester, home, monkeypatch):
     result = run(pytester, source, "--sandhop-policy", "medium", "--sandhop-allow-degraded")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*DEGRADED*", "*NOT restricted*"])
+
+
+def test_audit_log_writes_are_the_guards_own_even_during_collection(pytester, home):
+    """A batch of audit records can be flushed while a collector is being collected (under its
+    config); the log's own writes must never be decided, even where the tier denies writing."""
+    log = home / "logs" / "audit.jsonl"
+    result = run(pytester, """
+        import os
+        for _ in range(80):  # more denials than one batch of the audit log, at import time
+            try:
+                open(os.path.expanduser("~/.ssh/id_rsa")).read()
+            except PermissionError:
+                pass
+
+        def test_ok():
+            pass
+    """, "--sandhop-policy", "medium", log=log)
+    assert "an earlier write failed" not in result.stdout.str() + result.stderr.str()
+    assert len([r for r in records(log) if r["category"] == "fs.read"]) == 80
+    from sandhop.enforcement.audit import verify
+    assert verify(log).ok

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,61 +22,12 @@ import pytest
 jax = pytest.importorskip("jax")
 pytest.importorskip("hydra")
 import jax.numpy as jnp  # noqa: E402
-from hydra import compose, initialize_config_module  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
 
 from sandhop.agents import network  # noqa: E402
 from sandhop.enforcement.engine import PolicyEngine  # noqa: E402
 from sandhop.enforcement.runtime import (MANIFEST, POLICY_FILE, RISK_FILE, Artifact, ArtifactError,  # noqa: E402
                                          Manager, sha256_file)
-
-TINY_RISK = ("model=tiny", "dataset=small", "dataset.max_units_per_suite=12", "train.seq_len=32",
-             "train.batch_size=8", "train.epochs=2", "train.lr=1e-2", "train.warmup_steps=1", "progress=false")
-
-
-def _compose(name: str, *overrides: str):
-    with initialize_config_module("sandhop.configs", version_base="1.3"):
-        return compose(name, overrides=list(overrides))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny risk model, a tiny manager trained on its scores (two seeds), and their artifact."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    from sandhop.agents import train_agent, train_risk
-    from sandhop.agents.export import export
-    base = tmp_path_factory.mktemp("trained")
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    before = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(base / "xla-cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    cc.reset_cache()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SANDHOP_CACHE", str(base / "cache"))
-        risk, agent, art = base / "risk", base / "agent", base / "artifact"
-        train_risk.run(_compose("train_risk", *TINY_RISK, f"out={risk}"))
-        train_agent.run(_compose("train_agent", "experiment=smoke", "env.risk.source=model",
-                                 f"env.risk.checkpoint={risk}", "agent.num_seeds=2", "agent.eval_every_chunks=4"),
-                        agent)
-        export(risk, agent, art)
-        yield SimpleNamespace(risk=risk, agent=agent, artifact=art, cache=base / "cache")
-    for name, value in before.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-
-
-def copy_artifact(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def rehash(art: Path) -> None:
-    """Make the manifest vouch for the weight files as they are now (a deliberate edit)."""
-    manifest = json.loads((art / MANIFEST).read_text())
-    manifest["files"] = {name: sha256_file(art / name) for name in manifest["files"]}
-    (art / MANIFEST).write_text(json.dumps(manifest))
-
 
 # --------------------------------------------------------------------------- export
 
@@ -120,7 +70,7 @@ def test_export_refuses_an_agent_trained_on_other_risk_inputs(trained, tmp_path)
 
 # --------------------------------------------------------------------------- numpy = JAX
 
-def recorded_episodes(table, limit: int = 150, max_events: int = 400) -> list[dict]:
+def recorded_episodes(table, limit: int = 100, max_events: int = 400) -> list[dict]:
     """Episodes of a labelled trace table (attacked ones first), as event columns in order."""
     cols = table.select(["suite", "run_id", "test_id", "seq", "category", "op", "target", "target_class", "phase",
                          "t_ns", "malicious"]).to_pydict()
@@ -136,21 +86,17 @@ def recorded_episodes(table, limit: int = 150, max_events: int = 400) -> list[di
 
 def replay(manager: Manager, engine: PolicyEngine, episode: dict) -> list[dict]:
     """The runtime on a recorded test: each event scored, acted on and decided by the engine."""
-    manager.begin(episode["key"][2], engine.config(manager.spec.base_tier))
-    for cat, op, target, cls, phase, t in zip(*(episode[c] for c in ("category", "op", "target", "target_class",
-                                                                      "phase", "t_ns"))):
-        config, _ = manager.event(cat, op, target, cls, phase, t)
-        manager.decided(engine.decide_target(cat, target, cls, config).effect)
+    manager.replay(episode["key"][2], episode)
     return manager.episode.steps
 
 
-def test_the_numpy_runtime_reproduces_the_jax_models_on_recorded_traces(trained, monkeypatch):
+def test_the_numpy_runtime_reproduces_the_jax_models_on_recorded_traces(trained_caches):
     from sandhop.agents.risk_model import Calibrator
     from sandhop.agents.train_agent import load_run as load_agent
     from sandhop.agents.train_risk import load_run as load_risk, score_episodes
     from sandhop.datasets import splits
     from sandhop.envs.sandbox_env import SandboxManagerEnv
-    monkeypatch.setenv("SANDHOP_CACHE", str(trained.cache))
+    trained = trained_caches
     art = Artifact.load(trained.artifact)
     engine = PolicyEngine()
     root = splits.build(splits.compose(["dataset=small"]).dataset)
@@ -166,8 +112,10 @@ def test_the_numpy_runtime_reproduces_the_jax_models_on_recorded_traces(trained,
     manager = Manager(art, engine, keep_steps=True)
     worst_risk = worst_tags = 0.0
     steps = hops = 0
+    first = []
     for episode, out in zip(episodes, outputs):
         recorded = replay(manager, engine, episode)
+        first.append(recorded)
         risk = np.array([s["risk"] for s in recorded])
         worst_risk = max(worst_risk, float(np.abs(risk - calibrate(out["risk"], out["surprise"])).max()))
         worst_tags = max(worst_tags, float(np.abs(np.stack([s["tags"] for s in recorded]) - out["tags"]).max()))
@@ -193,6 +141,13 @@ def test_the_numpy_runtime_reproduces_the_jax_models_on_recorded_traces(trained,
             hops += s["action"] != "stay"
     assert worst_risk <= 1e-5 and worst_tags <= 1e-5, (worst_risk, worst_tags)
     assert steps > 500
+    # a second pass replays from the prefix and action caches: the same numbers exactly
+    misses = art.risk.misses
+    for episode, recorded in zip(episodes, first):
+        again = replay(manager, engine, episode)
+        assert [(s["risk"], s["action"], s["surprise"]) for s in again] == \
+            [(s["risk"], s["action"], s["surprise"]) for s in recorded]
+    assert art.risk.misses - misses < steps / 10 and art.risk.hits > steps
 
 
 def test_the_runtime_imports_no_jax(trained, tmp_path):
@@ -232,7 +187,8 @@ def test_the_runtime_imports_no_jax(trained, tmp_path):
 # --------------------------------------------------------------------------- fail closed
 
 def broken(trained, tmp_path, how: str) -> Path:
-    art = copy_artifact(trained.artifact, tmp_path / how)
+    from conftest import rehash_artifact
+    art = shutil.copytree(trained.artifact, tmp_path / how)
     manifest = json.loads((art / MANIFEST).read_text())
     if how == "missing":
         (art / POLICY_FILE).unlink()
@@ -242,7 +198,7 @@ def broken(trained, tmp_path, how: str) -> Path:
         (art / RISK_FILE).write_bytes(bytes(raw))
     elif how == "corrupt":  # not a safetensors file, though the manifest vouches for it
         (art / POLICY_FILE).write_bytes(b"\x00" * 64)
-        rehash(art)
+        rehash_artifact(art)
     elif how == "version":
         manifest["format_version"] = 99
         (art / MANIFEST).write_text(json.dumps(manifest))
@@ -273,24 +229,7 @@ def test_a_broken_artifact_is_refused_with_what_to_do(trained, tmp_path, how, me
     assert "re-export" in str(info.value) or "retrain" in str(info.value)
 
 
-SUITE = """
-    import os
-
-    def test_reads_key():
-        assert open(os.path.expanduser("~/.ssh/id_rsa")).read() == "CANARY"
-
-    def test_writes_tmp(tmp_path):
-        (tmp_path / "out.txt").write_text("ok")
-"""
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch) -> Path:
-    home = tmp_path / "home"
-    (home / ".ssh").mkdir(parents=True)
-    (home / ".ssh" / "id_rsa").write_text("CANARY")
-    monkeypatch.setenv("HOME", str(home))
-    return home
+from conftest import KEY_SUITE as SUITE  # noqa: E402
 
 
 def inner(pytester, *args: str):
@@ -313,27 +252,14 @@ def test_a_run_with_a_broken_artifact_does_not_start_unless_a_fallback_tier_is_a
 
 # --------------------------------------------------------------------------- live
 
-def with_policy(trained, tmp_path: Path, action: str) -> Path:
-    """The artifact with its policy head replaced by one that always prefers `action` (and
-    otherwise stays): a deliberate edit, re-hashed, to make the live behaviour certain."""
-    art = copy_artifact(trained.artifact, tmp_path / action.replace(":", "-"))
-    weights = load_file(str(art / POLICY_FILE))
-    names = Artifact.load(art).env_spec.action_names()
-    weights["actor.1.w"] = np.zeros_like(weights["actor.1.w"])
-    weights["actor.1.b"] = np.zeros_like(weights["actor.1.b"])
-    weights["actor.1.b"][names.index(action)] = 5.0
-    save_file(weights, str(art / POLICY_FILE))
-    rehash(art)
-    return art
-
-
 def records(log: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, log.read_text().splitlines()) if r.get("kind") == kind]
 
 
-def test_the_manager_acts_before_the_engine_decides_and_the_audit_log_says_so(trained, pytester, home, tmp_path):
+def test_the_manager_acts_before_the_engine_decides_and_the_audit_log_says_so(artifact_tools, pytester, home,
+                                                                                tmp_path):
     log = tmp_path / "audit.jsonl"
-    result = inner(pytester, f"--sandhop-enforce={with_policy(trained, tmp_path, 'hop:high')}",
+    result = inner(pytester, f"--sandhop-enforce={artifact_tools.with_policy(tmp_path, 'hop:high')}",
                    f"--sandhop-audit-log={log}")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*hop:high*observe -> high*", "*deny*fs.read*id_rsa*(risk *",
@@ -347,27 +273,54 @@ def test_the_manager_acts_before_the_engine_decides_and_the_audit_log_says_so(tr
     episodes = records(log, "episode")
     assert sum(e["events"] for e in episodes) > 0 and all(e["tier"] == "high" for e in episodes if e["actions"])
     assert subprocess.run([sys.executable, "-m", "sandhop", "audit", "verify", str(log)]).returncode == 0
+    # every scored event is in the log (allowed ones as `event` records), so it exports as a trace
+    scored = records(log, "event") + [r for r in records(log, "decision") if "risk" in r]
+    assert len(scored) == sum(e["events"] for e in episodes)
+    from sandhop.datasets.traces import read_traces
+    from sandhop.enforcement import audit
+    table = read_traces(audit.export(log, tmp_path / "trace"))
+    assert table.num_rows == len(scored) and None not in table.column("risk").to_pylist()
+    assert {"passed", "failed"} <= set(table.column("test_outcome").to_pylist())
     # the same artifact in audit mode blocks nothing and records what it would have denied
     audit_log = tmp_path / "audit-mode.jsonl"
-    inner(pytester, f"--sandhop-enforce={with_policy(trained, tmp_path / 'a', 'hop:high')}", "--sandhop-mode=audit",
+    inner(pytester, f"--sandhop-enforce={artifact_tools.with_policy(tmp_path / 'a', 'hop:high')}", "--sandhop-mode=audit",
           f"--sandhop-audit-log={audit_log}").assert_outcomes(passed=2)
     assert [r["decision"] for r in records(audit_log, "decision") if r["target"].endswith("id_rsa")] == ["deny"]
 
 
-def test_a_manager_that_stays_enforces_the_base_tier(trained, pytester, home, tmp_path):
-    result = inner(pytester, f"--sandhop-enforce={with_policy(trained, tmp_path, 'stay')}")
+def test_a_manager_that_stays_enforces_the_base_tier(artifact_tools, pytester, home, tmp_path):
+    result = inner(pytester, f"--sandhop-enforce={artifact_tools.with_policy(tmp_path, 'stay')}")
     result.assert_outcomes(passed=2)  # the base tier (observe) allows the read
     result.stdout.fnmatch_lines(["*base tier observe*0 manager actions*denied 0 operations*"])
 
 
-def test_sandhop_run_passes_pytest_arguments_and_fails_closed(trained, home, tmp_path):
+def test_sandhop_run_passes_pytest_arguments_and_fails_closed(trained, artifact_tools, home, tmp_path):
     suite = tmp_path / "suite"
     suite.mkdir()
     (suite / "test_inner.py").write_text(textwrap.dedent(SUITE))
     run = [sys.executable, "-m", "sandhop", "run"]
-    done = subprocess.run([*run, str(with_policy(trained, tmp_path, "hop:high")), "--", "-q", "-p",
+    done = subprocess.run([*run, str(artifact_tools.with_policy(tmp_path, "hop:high")), "--", "-q", "-p",
                            "no:cacheprovider", "-k", "writes"], cwd=suite, capture_output=True, text=True)
     assert done.returncode == 0 and "1 passed, 1 deselected" in done.stdout, done.stdout + done.stderr
     done = subprocess.run([*run, str(broken(trained, tmp_path, "missing")), "--", "-q"], cwd=suite,
                           capture_output=True, text=True)
     assert done.returncode == 2 and "is missing" in done.stderr and "Nothing was run" in done.stderr
+
+
+def test_the_runtime_leaves_no_objects_behind_per_event(trained, pytester):
+    """Suites check for leaks by counting gc-tracked objects between calls that are audit events
+    (markupsafe's test_leak does); scoring those events must not grow the count (its caches
+    hold arrays and bytes keys, which the collector does not track)."""
+    pytester.makepyfile(test_leak="""
+        import gc
+
+        def test_counts_stay_the_same():
+            counts = set()
+            gc.collect()
+            for _ in range(20):
+                counts.add(len(gc.get_objects()))   # an audited event each time
+            assert len(counts) < 3, counts
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--sandhop-enforce={trained.artifact}")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*events scored*"])
