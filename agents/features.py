@@ -154,6 +154,11 @@ def dt_bucket(dt_ns: np.ndarray, buckets: int) -> np.ndarray:
     return np.clip(1 + np.floor(np.log2(us + 1)), 1, buckets - 1).astype(np.int32)
 
 
+def dt_bucket_one(dt_ns: int, buckets: int) -> int:
+    """`dt_bucket` of one time delta (the runtime's per-event path; the same float64 steps)."""
+    return int(min(max(1 + math.floor(np.log2(max(dt_ns, 0) / 1e3 + 1)), 1), buckets - 1))
+
+
 def target_pieces(category: str, target: str) -> list[str]:
     """The parts of a target that say what it is: a path's first two and last two segments, a
     host's last three labels (or its port), argv[0] and the first argument, a module's parts, an

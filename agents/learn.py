@@ -227,6 +227,7 @@ def learn(logs: Sequence[str | Path], source: str | Path, out: str | Path, *, wo
     base_units = splits.read_manifest(splits.build(OmegaConf.create(old.manifest["risk"]["config"]["dataset"])))[
         "splits"]["train"]["units"]
     new_tests = max(1, sum(s.tests for s in summaries))
+    already: list[str] = []
     copies = max(1, round(share * base_units / ((1 - share) * new_tests))) if share > 0 else 1
     for folder in sorted(new_traces.glob("suite=*")):
         target = merged / folder.name
@@ -235,8 +236,12 @@ def learn(logs: Sequence[str | Path], source: str | Path, out: str | Path, *, wo
             target.unlink()
             target.mkdir()
             for f in real.iterdir():
-                (target / f.name).symlink_to(f)
+                (target / f.name).symlink_to(f.resolve())
         for f in sorted(folder.glob("run-*.parquet")):
+            run_id = f.stem[len("run-"):]
+            if (target / f.name).exists() or (target / f"run-{run_id}-0.parquet").exists():
+                already.append(run_id)  # learned from in an earlier round: its copies are there
+                continue
             _repeat_run(f, merged, copies)
     names = {s.split("==")[0] for s in new_suites}
     for split in ("val", "test"):
@@ -247,7 +252,7 @@ def learn(logs: Sequence[str | Path], source: str | Path, out: str | Path, *, wo
                                                            {t.split("==")[0] for t in data_cfg.splits.train}]
     data_cfg.traces = str(merged)
     data_cfg.root = None
-    data_cfg.name = f"{data_cfg.name}-learn"
+    data_cfg.name = data_cfg.name if str(data_cfg.name).endswith("-learn") else f"{data_cfg.name}-learn"
 
     say("sandhop learn: retraining the risk model (warm start)")
     risk_cfg = OmegaConf.merge(OmegaConf.create(old.manifest["risk"]["config"]),
@@ -282,7 +287,8 @@ def learn(logs: Sequence[str | Path], source: str | Path, out: str | Path, *, wo
         comparison[name] = {"old": replay_metrics(old, table), "new": replay_metrics(new, table)}
     report = {"from": str(source), "from_manifest_sha256": sha256_file(source / MANIFEST), "out": str(out),
               "logs": [str(p) for p in logs], "seconds": round(time.time() - t0, 1),
-              "runs": [vars(s) for s in summaries], "copies": copies, "moved_to_train": moved, "train_suites": list(data_cfg.splits.train),
+              "runs": [vars(s) for s in summaries], "copies": copies, "already_in_training": already,
+              "moved_to_train": moved, "train_suites": list(data_cfg.splits.train),
               "comparison": comparison}
     (out / "learn_report.json").write_text(json.dumps(report, indent=1, default=_plain) + "\n")
     (out / "learn_report.md").write_text(render(report))
@@ -319,6 +325,9 @@ def render(report: dict) -> str:
     for r in report["runs"]:
         lines.append(f"| {r['suite']} | {r['run_id']} | {r['tests']} | {len(r['failed'])} | {r['false_blocks']} | "
                      f"{len(r['attacks'])}{' (' + str(len(r['unlabelled'])) + ' not matched)' if r['unlabelled'] else ''} |")
+    if report.get("already_in_training"):
+        lines += ["", "Runs already in the training data (learned from in an earlier round): "
+                  + ", ".join(report["already_in_training"]) + "."]
     if report["moved_to_train"]:
         lines += ["", "Moved into the train split: " + ", ".join(report["moved_to_train"]) + "."]
     lines += ["", "## Old vs new (replayed through the runtime and the engine)", "",

@@ -18,7 +18,7 @@ pytest.importorskip("hydra")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from sandhop.agents.features import UNK, FeatureSpec  # noqa: E402
-from sandhop.enforcement.runtime import (FORMAT_VERSION, MANIFEST, POLICY_FILE, RISK_FILE,  # noqa: E402
+from sandhop.enforcement.runtime import (MANIFEST, RISK_FILE,  # noqa: E402
                                          sha256_file)
 
 TINY = ("model=tiny", "dataset=small", "dataset.max_units_per_suite=12", "train.seq_len=32",
@@ -26,71 +26,16 @@ TINY = ("model=tiny", "dataset=small", "dataset.max_units_per_suite=12", "train.
 
 
 def compose(*overrides: str):
-    from hydra import compose as hydra_compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    GlobalHydra.instance().clear()
-    with initialize_config_module("sandhop.configs", version_base="1.3"):
-        return hydra_compose("train_risk", overrides=list(overrides))
+    from conftest import compose as compose_config
+    return compose_config("train_risk", *overrides)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache(tmp_path_factory):
-    """A persistent compilation cache for this module (as in test_risk_model.py): each run jits
-    fresh closures, so programs of the same HLO are loaded instead of compiled again."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    before = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    cc.reset_cache()
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One dataset cache for the module: the small dataset is built once."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SANDHOP_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
-def write_artifact(risk_run: Path, out: Path) -> Path:
-    """The risk half of what `sandhop export` writes (it needs a trained agent as well): the
-    risk weights and the manifest keys a warm start reads. The policy file is a placeholder that
-    the warm start checks only the hash of, as it does every listed file."""
-    from sandhop.agents.export import risk_weights
-    from sandhop.agents.train_risk import load_run
-    model, spec, _ = load_run(risk_run)
-    out.mkdir(parents=True)
-    save_file(risk_weights(model), str(out / RISK_FILE))
-    save_file({"placeholder": np.zeros(1, np.float32)}, str(out / POLICY_FILE))
-    manifest = {"format_version": FORMAT_VERSION, "feature_spec": json.loads(spec.to_json()),
-                "feature_fingerprint": spec.fingerprint(),
-                "risk": {"run": str(risk_run), "model": model.cfg.as_dict()},
-                "files": {name: sha256_file(out / name) for name in (RISK_FILE, POLICY_FILE)}}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return out
-
-
-def rehash(art: Path) -> None:
-    """Make the manifest vouch for the weight files as they are now (a deliberate edit)."""
-    manifest = json.loads((art / MANIFEST).read_text())
-    manifest["files"] = {name: sha256_file(art / name) for name in manifest["files"]}
-    (art / MANIFEST).write_text(json.dumps(manifest))
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory, cache):
-    """A tiny run A and an artifact of its risk model. Its seed (1) makes its weights other than
-    those a seed-0 run starts with; learning rate 0 keeps them so (its steps change nothing) and
-    gives A and the warm-started runs below the same compiled programs."""
-    from sandhop.agents.train_risk import run
-    base = tmp_path_factory.mktemp("warm")
-    run(compose(*TINY, "seed=1", f"out={base / 'a'}"))
-    return write_artifact(base / "a", base / "artifact")
+@pytest.fixture
+def artifact(trained_caches) -> Path:
+    """The session's exported tiny artifact (tests/conftest.py), with its dataset and compile
+    caches. Its risk model was trained from seed 0 for two epochs, so its weights are not those a
+    seed-0 run starts with; learning rate 0 (TINY) keeps a warm-started run at them."""
+    return trained_caches.artifact
 
 
 def weights(run_dir: Path) -> dict[str, np.ndarray]:
@@ -142,6 +87,7 @@ def test_a_model_or_features_config_other_than_the_artifacts_is_refused(artifact
 
 
 def test_a_corrupt_or_unfitting_artifact_is_refused(artifact, tmp_path):
+    from conftest import rehash_artifact
     from sandhop.agents.train_risk import TrainError, run
     corrupt = Path(shutil.copytree(artifact, tmp_path / "corrupt"))
     with open(corrupt / RISK_FILE, "ab") as f:
@@ -154,6 +100,6 @@ def test_a_corrupt_or_unfitting_artifact_is_refused(artifact, tmp_path):
     tensors = load_file(str(short / RISK_FILE))
     del tensors["blocks.0.qkv.kernel"]
     save_file(tensors, str(short / RISK_FILE))
-    rehash(short)
+    rehash_artifact(short)
     with pytest.raises(TrainError, match="blocks.0.qkv.kernel is missing"):
         run(compose(*TINY, f"init={short}", f"out={tmp_path / 'd'}"))
