@@ -43,15 +43,21 @@ def policy_inputs(xp, obs: dict, spec: EnvSpec) -> Inputs:
     return Inputs(dense, index)
 
 
-def heads(xp, params: dict, inputs: Inputs, mask):
-    """(masked policy logits, value). Invalid actions get a large negative logit (not -inf: no
-    NaN in the entropy)."""
+def actor(xp, params: dict, inputs: Inputs, mask):
+    """(masked policy logits, shared hidden layer). Invalid actions get a large negative logit
+    (not -inf: no NaN in the entropy). The runtime needs no more than this."""
     e = params["embed"]
     h = xp.tanh(inputs.dense @ e["w"] + e["b"] + e["table"][inputs.index].sum(axis=-2))
-    a, c = params["actor"], params["critic"]
+    a = params["actor"]
     logits = xp.tanh(h @ a[0]["w"] + a[0]["b"]) @ a[1]["w"] + a[1]["b"]
-    v = (xp.tanh(h @ c[0]["w"] + c[0]["b"]) @ c[1]["w"] + c[1]["b"])[..., 0]
-    return xp.where(mask, logits, xp.float32(-1e9)), v
+    return xp.where(mask, logits, xp.float32(-1e9)), h
+
+
+def heads(xp, params: dict, inputs: Inputs, mask):
+    """(masked policy logits, value)."""
+    logits, h = actor(xp, params, inputs, mask)
+    c = params["critic"]
+    return logits, (xp.tanh(h @ c[0]["w"] + c[0]["b"]) @ c[1]["w"] + c[1]["b"])[..., 0]
 
 
 def normalize(xp, norm: dict, inputs: Inputs, enabled: bool) -> Inputs:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from sandhop.agents.features import N_FIXED, PAD, FeatureError, FeatureSpec, dt_bucket_one
-from sandhop.agents.network import heads, normalize, policy_inputs
+from sandhop.agents.network import Inputs, actor, normalize
 from sandhop.enforcement.engine import TIERS, PolicyEngine, SandboxConfig
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, PHASES, TARGET_CLASSES
 from sandhop.envs.spec import PROGRESS_EVENTS, EnvSpec, action_mask, apply_action, progress_of, push_recent
@@ -294,8 +294,6 @@ class PolicyRuntime:
                                 f"the env settings {spec.n_actions}; the artifact is inconsistent, re-export it")
         self.spec = spec
         self.normalize_obs = normalize_obs
-        # the fast path's constants: the same float32 values the general path computes per call
-        self._sd = np.sqrt(self.norm["var"] + np.float32(1e-8))
         self._window = np.float32(spec.recent_window)
         self._o_class, self._o_tier = len(CATEGORIES), len(CATEGORIES) + len(TARGET_CLASSES)
         self._n_tags = len(INFERRED_TAGS)
@@ -303,8 +301,9 @@ class PolicyRuntime:
 
     def act_fast(self, risk: float, tags: np.ndarray, category: int, cls: int, level: int, permissions: np.ndarray,
                  denied: int, redirected: int, progress) -> int:
-        """`act` on the observation's parts, without building it: the same float32 operations
-        in the same order (the tests compare the actions with the JAX policy's), no value head."""
+        """The greedy action for the observation's parts, without building the observation (it
+        assembles the inputs `network.policy_inputs` would, in the same float32 steps; the
+        tests compare the actions with the JAX policy's). No value head."""
         t, k = self._n_tags, self.spec.n_categories
         dense = np.empty(4 + t + 2 * k, np.float32)
         dense[0] = risk
@@ -314,25 +313,13 @@ class PolicyRuntime:
         dense[3 + t] = progress
         dense[4 + t:4 + t + k] = permissions == 1
         dense[4 + t + k:] = permissions == 2
-        if self.normalize_obs:
-            dense = np.clip((dense - self.norm["mean"]) / self._sd, -10.0, 10.0).astype(np.float32)
-        e, a = self.params["embed"], self.params["actor"]
-        table = e["table"]
-        rows = table[category] + table[cls + self._o_class] + table[min(level, len(TIERS) - 1) + self._o_tier]
-        h = np.tanh(dense @ e["w"] + e["b"] + rows)
-        logits = np.tanh(h @ a[0]["w"] + a[0]["b"]) @ a[1]["w"] + a[1]["b"]
+        index = np.array([category, cls + self._o_class, min(level, len(TIERS) - 1) + self._o_tier], np.int32)
         key = level.to_bytes(2, "little") + permissions.tobytes()
         mask = self._masks.get(key)
         if mask is None:
             mask = self._masks[key] = action_mask(np, level, permissions, k).astype(bool)
-        return int(np.argmax(np.where(mask, logits, np.float32(-1e9))))
-
-    def logits(self, obs: dict) -> np.ndarray:
-        x = normalize(np, self.norm, policy_inputs(np, obs, self.spec), self.normalize_obs)
-        return heads(np, self.params, x, np.asarray(obs["action_mask"]).astype(bool))[0]
-
-    def act(self, obs: dict) -> int:
-        return int(np.argmax(self.logits(obs)))
+        inputs = normalize(np, self.norm, Inputs(dense, index), self.normalize_obs)
+        return int(np.argmax(actor(np, self.params, inputs, mask)[0]))
 
 
 # --------------------------------------------------------------------------- the artifact

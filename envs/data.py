@@ -318,12 +318,10 @@ def decision_table(episodes: Episodes, spec: EnvSpec, engine: PolicyEngine | Non
     path = None
     if cache:
         from sandhop.datasets.splits import cache_dir
+        from sandhop.enforcement.runtime import tier_templates
         h = hashlib.sha256()
-        for tier in TIERS:
-            policy = engine.load_tier(tier)
-            h.update(f"{tier} {policy.default}\n".encode())
-            for r in policy.rules:
-                h.update(f"{r.rule_id} {r.text}\n".encode())
+        for tier, digest in tier_templates(engine).items():
+            h.update(f"{tier} {digest}\n".encode())
         h.update(repr(engine.roots).encode() + repr(spec.categories).encode())
         for t in episodes.targets:
             h.update("\0".join(t).encode("utf-8", "surrogatepass") + b"\n")
