@@ -18,7 +18,7 @@ import numpy as np
 
 from sandhop.enforcement.engine import TIER_LEVEL, TIERS, PolicyEngine
 from sandhop.envs import data as envdata
-from sandhop.envs.spec import LOCKDOWN, EnvSpec
+from sandhop.envs.spec import LOCKDOWN, EnvSpec, quiet_row
 
 STAY = 0
 TUNED_TIERS: tuple[str, ...] = ("medium", "high", "lockdown")
@@ -58,9 +58,15 @@ class StaticTier:
         return 1 + self._level if int(obs["tier"]) < self._level else STAY
 
 
+def quiet(obs: dict) -> bool:
+    """Whether the observation is of a quiet event: its mask allows only stay."""
+    return not np.asarray(obs["action_mask"])[1:].any()
+
+
 class ThresholdRule:
-    """Start at the base tier; the first time an event's risk reaches `threshold`, hop to `tier`
-    (before that event is decided) and stay there for the rest of the test."""
+    """Start at the base tier; the first time the risk of an event that is not quiet (the
+    manager acts only at those; `sandhop.envs.spec`) reaches `threshold`, hop to `tier` (before
+    that event is decided) and stay there for the rest of the test."""
 
     seed = 0
     name = "threshold"
@@ -82,7 +88,7 @@ class ThresholdRule:
         self._hopped = False
 
     def act(self, obs: dict) -> int:
-        if self._hopped or obs["risk"][0] < self.threshold:
+        if self._hopped or obs["risk"][0] < self.threshold or quiet(obs):
             return STAY
         self._hopped = True
         return 1 + self._level if int(obs["tier"]) < self._level else STAY
@@ -117,7 +123,9 @@ def threshold_grid(episodes: envdata.Episodes, spec: EnvSpec, *, tiers: Sequence
     replay): a rule is "base tier before the first crossing, target tier from it on"."""
     if episodes.risk is None:
         envdata.with_risk(episodes, spec)
-    effect = envdata.decision_table(episodes, spec, engine)[episodes.event, :, 0].T   # [tiers, events]; no grants
+    table = envdata.decision_table(episodes, spec, engine)
+    effect = table[episodes.event, :, 0].T   # [tiers, events]; no grants
+    loud = ~quiet_row(table)[episodes.event]   # the rule never revokes: quiet events stay quiet
     malicious = episodes.malicious
     costs, overhead = spec.outcome_costs(), np.asarray(spec.tier_overhead, np.float32)
     step = (costs[3 * malicious.astype(np.int64)[None] + effect] - overhead[:, None]
@@ -137,8 +145,8 @@ def threshold_grid(episodes: envdata.Episodes, spec: EnvSpec, *, tiers: Sequence
     position = np.arange(n, dtype=np.int64)
     rows: dict[str, list] = {"threshold": [], "tier": [], "mean_return": [], "tests_broken": [],
                              "attacks_through": []}
-    for threshold in threshold_candidates(episodes.risk, max_candidates):
-        first = np.minimum(np.minimum.reduceat(np.where(episodes.risk >= threshold, position, n), start), end)
+    for threshold in threshold_candidates(episodes.risk[loud], max_candidates):
+        first = np.minimum(np.minimum.reduceat(np.where((episodes.risk >= threshold) & loud, position, n), start), end)
         for tier in tiers:
             level = TIER_LEVEL[tier]
             hop, switch = (first < end, first) if level > base else (np.zeros(len(start), bool), end)
@@ -178,11 +186,12 @@ def attack_cut(episodes: envdata.Episodes) -> np.ndarray:
 
 
 class Oracle:
-    """Knows the labels: at a test's first malicious event it hops to the least strict tier under
-    which the real engine does not allow that event (lockdown if none does), before it is decided,
-    and stays there. Benign tests run at the base tier (observe) throughout. It reads the labels
-    from `env.episodes` (bound with `bind`) and counts its own steps, so it needs no private state
-    of the env."""
+    """Knows the labels: at a test's first malicious event whose decision an action can change
+    (not a quiet one: the mask allows only stay there), it hops to the least strict tier under
+    which the real engine allows none of the test's malicious events from there on that any tier
+    stops, and stays there. Benign tests run at the base tier (observe) throughout. It reads the
+    labels from `env.episodes` (bound with `bind`) and counts its own steps, so it needs no
+    private state of the env."""
 
     seed = 0
     name = "oracle"
@@ -191,7 +200,7 @@ class Oracle:
         self.base_tier = base_tier
         self._episodes: envdata.Episodes | None = None
         self._engine: PolicyEngine | None = None
-        self._i = 0
+        self._i = self._end = 0
         self._done = False
 
     def bind(self, env: Any) -> None:
@@ -201,17 +210,24 @@ class Oracle:
     def reset(self, info: dict) -> None:
         if self._episodes is None:
             raise RuntimeError("the oracle needs the env's labels: call oracle.bind(env) before replaying")
-        self._i = int(self._episodes.start[int(info["episode"])])
+        episode = int(info["episode"])
+        self._i = int(self._episodes.start[episode])
+        self._end = self._i + int(self._episodes.length[episode])
         self._done = False
 
     def act(self, obs: dict) -> int:
         i, self._i = self._i, self._i + 1
-        if self._done or not self._episodes.malicious[i]:
+        e = self._episodes
+        if self._done or not e.malicious[i] or quiet(obs):
             return STAY
         self._done = True
-        category, target, cls = self._episodes.targets[int(self._episodes.event[i])]
+
+        def allowed(j: int, level: int) -> bool:
+            category, target, cls = e.targets[int(e.event[j])]
+            return self._engine.decide_target(category, target, cls, self._configs[level]).effect == "allow"
+        stoppable = [j for j in range(i, self._end) if e.malicious[j] and not allowed(j, LOCKDOWN)]
         current = int(obs["tier"])
         for level in range(current, LOCKDOWN + 1):
-            if self._engine.decide_target(category, target, cls, self._configs[level]).effect != "allow":
+            if not any(allowed(j, level) for j in stoppable):
                 return STAY if level == current else 1 + level
-        return 1 + LOCKDOWN if current < LOCKDOWN else STAY
+        return STAY

@@ -60,9 +60,11 @@ def counts(results: dict[str, str]) -> dict[str, int]:
 
 
 # The plugin's terminal summary line, e.g. "sandhop: artifact /tmp/a (base tier observe; 2892 events
-# scored in 403 tests and collectors, 79 manager actions) (enforce): denied 0 operations, redirected 0"
-SUMMARY = re.compile(r"sandhop: (?:policy .*|artifact .*; (?P<events>\d+) events scored in (?P<episodes>\d+) tests "
-                     r"and collectors, (?P<actions>\d+) manager actions\)) \((?:enforce|audit)\): "
+# in 403 tests and collectors, 301 scored and 2591 quiet, 79 manager actions) (enforce): denied 0
+# operations, redirected 0"
+SUMMARY = re.compile(r"sandhop: (?:policy .*|artifact .*; (?P<events>\d+) events in (?P<episodes>\d+) tests "
+                     r"and collectors, (?P<scored>\d+) scored and (?P<quiet>\d+) quiet, (?P<actions>\d+) manager "
+                     r"actions\)) \((?:enforce|audit)\): "
                      r"(?:would have )?denied (?P<denied>\d+) operations, redirected (?P<redirected>\d+)")
 
 
@@ -71,11 +73,13 @@ def enforcement_summary(stdout: str, artifact: bool) -> dict[str, int]:
     lines = list(SUMMARY.finditer(stdout))
     found = lines[-1] if lines else None
     if found is None or (artifact and found["events"] is None):
-        kind = "artifact (… events scored in … tests and collectors, … manager actions)" if artifact else "policy"
+        kind = ("artifact (… events in … tests and collectors, … scored and … quiet, … manager actions)" if artifact
+                else "policy")
         sys.exit(f"the enforced run printed no sandhop summary line of the form 'sandhop: {kind} (enforce): "
                  f"denied N operations, redirected M'; did the plugin's summary change? Its output ended:\n"
                  f"{stdout[-2000:]}")
-    names = ("events", "episodes", "actions", "denied", "redirected") if artifact else ("denied", "redirected")
+    names = (("events", "episodes", "scored", "quiet", "actions", "denied", "redirected") if artifact
+             else ("denied", "redirected"))
     return {name: int(found[name]) for name in names}
 
 

@@ -40,7 +40,7 @@ class Enforcer:
         self.artifact = None
         self.manager = None
         self.fallback_note: str | None = None
-        self.managed = {"actions": 0, "episodes": 0, "events": 0}
+        self.managed = {"actions": 0, "episodes": 0, "events": 0, "quiet": 0}
         # A --basetemp outside the system temp folder is still the tests' temp folder.
         self.runner_grants = (f"fs.* {literal_glob(os.path.realpath(basetemp))}/**",) if basetemp else ()
         self.mode = mode
@@ -286,6 +286,7 @@ class Enforcer:
             elif kind == "episode":
                 self.managed["episodes"] += 1
                 self.managed["events"] += int(rec.get("events", 0))
+                self.managed["quiet"] += int(rec.get("quiet", 0))
             elif kind == "action":
                 self.managed["actions"] += 1
                 self._pending.setdefault(rec.get("test_id", ""), []).append(rec)
@@ -349,8 +350,9 @@ class Enforcer:
         what = f"policy {self.policy}"
         if self.artifact is not None:
             m = self.managed
-            what = (f"artifact {self.artifact.root} (base tier {self.policy}; {m['events']} events scored in "
-                    f"{m['episodes']} tests and collectors, {m['actions']} manager actions)")
+            what = (f"artifact {self.artifact.root} (base tier {self.policy}; {m['events']} events in "
+                    f"{m['episodes']} tests and collectors, {m['events'] - m['quiet']} scored and {m['quiet']} "
+                    f"quiet, {m['actions']} manager actions)")
         tr.write_line(f"sandhop: {what} ({self.mode}): {verb} {self.totals.get('deny', 0)} "
                       f"operations, redirected {self.totals.get('redirect', 0)}"
                       + (f"; audit log {self.audit_path}" if self.audit_path else ""),

@@ -291,7 +291,7 @@ class Guard:
                              "phase": self.tracer.phase, "pid": os.getpid(),
                              "t_ns": time.monotonic_ns() - self.tracer.t0_ns, "category": category, "op": op,
                              "target": target, "target_class": cls, "decision": "allow",
-                             "tier": self.config.tier, "risk": round(said["risk"], 6), "action": said["action"]})
+                             "tier": self.config.tier, "risk": _rounded(said["risk"]), "action": said["action"]})
         return d, said
 
     def _decision(self, category: str, target: str, cls: str) -> Decision:
@@ -326,7 +326,7 @@ class Guard:
             self.state.config = config
             rec = {"kind": "action", "run_id": self.spec.run_id, "test_id": test_id, "phase": self.tracer.phase,
                    "pid": os.getpid(), "t_ns": time.monotonic_ns() - self.tracer.t0_ns, "category": category,
-                   "op": op, "target": target, "target_class": cls, "risk": round(said["risk"], 6),
+                   "op": op, "target": target, "target_class": cls, "risk": _rounded(said["risk"]),
                    "action": said["action"], "tier_before": before.tier, "tier": config.tier,
                    "grants": list(config.grants), "revocations": list(config.revocations), "event": m.episode.events - 1}
             self._write(rec)
@@ -343,7 +343,8 @@ class Guard:
             return
         m.episode = None
         self._write({"kind": "episode", "run_id": self.spec.run_id, "test_id": ep.test_id, "pid": os.getpid(),
-                     "events": ep.events, "actions": ep.actions, "max_risk": round(ep.max_risk, 6),
+                     "events": ep.events, "quiet": ep.quiet, "actions": ep.actions,
+                     "max_risk": round(ep.max_risk, 6),
                      "tier": ep.config.tier})
         if self.state.test_id != ep.test_id and self.state.config is not self.base:
             self.state.config = self.base  # a collector's escalation ends with it
@@ -413,7 +414,7 @@ class Guard:
                "decision": d.effect, "rule": d.rule_id, "rule_text": d.rule_text, "tier": config.tier,
                "mode": self.mode, "reason": d.reason, "redirect_to": d.redirect_to}
         if said is not None:  # what the learned manager said of this event
-            rec["risk"], rec["action"] = round(said["risk"], 6), said["action"]
+            rec["risk"], rec["action"] = _rounded(said["risk"]), said["action"]
         if d.effect == "deny":
             # Loading another tier's file to say which would allow it is the guard's own work.
             rec["fix"] = ("no policy allows it (the guard protects itself)" if d.rule_id.startswith("guard:")
@@ -759,3 +760,8 @@ def _intercept(guard: Guard) -> None:
     posix.open = os_open  # the same function under its other name
     os.mkfifo = make_node(_real_mkfifo, "os.mkfifo")
     os.mknod = make_node(_real_mknod, "os.mknod")
+
+
+def _rounded(risk: float | None) -> float | None:
+    """A risk for the audit log (None: a quiet event the manager did not score)."""
+    return None if risk is None else round(risk, 6)

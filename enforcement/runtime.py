@@ -18,6 +18,11 @@ tier instead of the artifact is an explicit choice (`--sandhop-fallback-tier`).
 the Gymnasium env would give (`sandhop.envs.spec`), the policy's greedy action, and the action
 carried out on the test's `SandboxConfig` (`spec.apply_action`); the one `PolicyEngine` then
 decides the event under that config, in the guard.
+
+The fast path: at a quiet event (every tier allows it, granted or not; `sandhop.envs.spec`) the
+policy may only stay, as in training, so the manager neither scores it nor asks the policy; the
+risk model reads it together with the next event that needs a score (`RiskRuntime.defer`). About
+nine in ten events of real suites are quiet.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from sandhop.agents.features import N_FIXED, PAD, FeatureError, FeatureSpec, dt_
 from sandhop.agents.network import Inputs, actor, normalize
 from sandhop.enforcement.engine import TIERS, PolicyEngine, SandboxConfig
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, PHASES, TARGET_CLASSES
-from sandhop.envs.spec import PROGRESS_EVENTS, EnvSpec, action_mask, apply_action, progress_of, push_recent
+from sandhop.envs.spec import (PROGRESS_EVENTS, EnvSpec, action_mask, apply_action, decision_row, is_quiet,
+                               progress_of, push_recent, quiet_row)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -89,6 +95,11 @@ def _normalize(x: np.ndarray, inv_n: float) -> np.ndarray:
     return d * np.float32(1.0 / math.sqrt(float(d @ d) * inv_n + 1e-6))
 
 
+def _normalize_rows(x: np.ndarray) -> np.ndarray:
+    d = x - x.mean(axis=1, keepdims=True)
+    return d * (np.float32(1.0) / np.sqrt((d * d).mean(axis=1, keepdims=True) + np.float32(1e-6)))
+
+
 def _fold(scale: np.ndarray, bias: np.ndarray, kernel: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(LN(x) * scale + bias) @ kernel + b == LN(x) @ kernel' + b'."""
     k64 = kernel.astype(np.float64)
@@ -108,6 +119,11 @@ class RiskState:
     prediction: np.ndarray | None = None   # LM logits (category, op, class) for the next event
     last_t_ns: int | None = None
     node: int = 0   # where this test's events so far lie in the prefix cache (0: its root, -1: off it)
+    # events read but not yet run through the network (quiet ones: run in one batch when the
+    # next event needs a score); rows and embeddings in buffers that grow by doubling
+    pending: int = 0
+    pending_rows: np.ndarray | None = None
+    pending_embedded: np.ndarray | None = None
 
 
 class RiskRuntime:
@@ -192,9 +208,28 @@ class RiskRuntime:
                 x = x + self.piece[piece]
         return x
 
+    def defer(self, state: RiskState, row: np.ndarray, embedded: np.ndarray) -> None:
+        """Read an event without scoring it now: the next `step` runs it through the network
+        first, in one batch with the other deferred ones (the same numbers as stepping each)."""
+        n = state.pending
+        if state.pending_rows is None or n == len(state.pending_rows):
+            size = max(64, 2 * n)
+            rows, embedded_all = np.zeros((size, len(row)), row.dtype), np.zeros((size, self.width), np.float32)
+            if n:
+                rows[:n], embedded_all[:n] = state.pending_rows[:n], state.pending_embedded[:n]
+            state.pending_rows, state.pending_embedded = rows, embedded_all
+        state.pending_rows[n] = row
+        state.pending_embedded[n] = embedded
+        state.pending = n + 1
+
     def step(self, state: RiskState, row: np.ndarray, embedded: np.ndarray | None = None
              ) -> tuple[float, np.ndarray, float, float]:
-        """Score one encoded event [width] and advance the state; `embedded`: `embed(row)`."""
+        """Score one encoded event [width] and advance the state; `embedded`: `embed(row)`.
+        Deferred events run first, so the score is what stepping through all of them gives."""
+        if state.pending:
+            self.defer(state, row, self.embed(row) if embedded is None else embedded)
+            n, state.pending = state.pending, 0
+            return self.run(state, state.pending_rows[:n], state.pending_embedded[:n])
         p = state.position
         slot = p % self.context
         node = state.node
@@ -255,6 +290,95 @@ class RiskRuntime:
         else:
             state.node = -1
         return risk, tags, logit, surprise
+
+    def run(self, state: RiskState, rows: np.ndarray, embedded: np.ndarray) -> tuple[float, np.ndarray, float, float]:
+        """Score encoded events [n, width] in order (what `step` on each in turn gives, within
+        float rounding) and advance the state: the scores of the last. Prefixes the cache knows
+        are replayed from it; the rest run through the network in blocks of up to the context
+        (causal attention over the key/value ring plus the block)."""
+        n, j = len(rows), 0
+        while j < n and state.node >= 0:
+            hit = self.prefixes.get(state.node.to_bytes(4, "little") + rows[j].tobytes())
+            if hit is None:
+                break
+            slot = state.position % self.context
+            kv = self._kv[hit]
+            state.keys[:, :, :, slot] = kv[0]
+            state.values[:, :, slot, :] = kv[1]
+            state.prediction, state.position, state.node = self._lm[hit], state.position + 1, hit
+            self.hits += 1
+            j += 1
+        if j == n:
+            risk, logit, surprise = self._scalars[state.node]
+            return float(risk), self._tags[state.node], float(logit), float(surprise)
+        while j < n:
+            m = min(self.context, n - j)
+            last = self._block(state, rows[j:j + m], embedded[j:j + m])
+            j += m
+        return last
+
+    def _block(self, state: RiskState, rows: np.ndarray, embedded: np.ndarray) -> tuple[float, np.ndarray, float, float]:
+        m, p0, c = len(rows), state.position, self.context
+        self.misses += m
+        x = embedded + self.tables[4][rows[:, 4]]
+        angles = (p0 + np.arange(m))[:, None] * self.freqs[None, :]
+        cos = np.repeat(np.cos(angles), 2, axis=1).astype(np.float32)[:, None, :]
+        sin = (np.repeat(np.sin(angles), 2, axis=1).astype(np.float32) * self.sign)[:, None, :]
+        heads, hd, w = self.n_heads, self.head_dim, self.width
+        # keys before the block in position order (ring slots of positions p0-C .. p0-1), then
+        # the block's own; query i sees the last C positions up to its own
+        order = (p0 + np.arange(c)) % c
+        i = np.arange(m)[:, None]
+        visible = np.concatenate([(np.arange(c)[None, :] > i) & (p0 - c + np.arange(c)[None, :] >= 0),
+                                  np.arange(m)[None, :] <= i], axis=1)
+        slots = (p0 + np.arange(m)) % c
+        ks, vs = [], []
+        for layer, (qkv_w, qkv_b, out_w, out_b, up_w, up_b, down_w, down_b) in enumerate(self.blocks):
+            qkv = _normalize_rows(x) @ qkv_w + qkv_b
+            qk = qkv[:, :2 * w].reshape(m, 2 * heads, hd)
+            qk = qk * cos + qk[:, :, self.swap] * sin
+            k_new, v_new = qk[:, heads:], qkv[:, 2 * w:].reshape(m, heads, hd)
+            keys, values = state.keys[layer], state.values[layer]
+            all_keys = np.concatenate([keys[:, :, order], k_new.transpose(1, 2, 0)], axis=2)
+            all_values = np.concatenate([values[:, order, :], v_new.transpose(1, 0, 2)], axis=1)
+            scores = np.matmul(qk[:, :heads].transpose(1, 0, 2), all_keys)
+            scores = np.where(visible, scores, np.float32(-np.inf))
+            scores = np.exp(scores - scores.max(axis=2, keepdims=True))
+            attended = np.matmul(scores / scores.sum(axis=2, keepdims=True), all_values)
+            keys[:, :, slots] = k_new.transpose(1, 2, 0)
+            values[:, slots, :] = v_new.transpose(1, 0, 2)
+            ks.append(k_new)
+            vs.append(v_new)
+            x = x + (attended.transpose(1, 0, 2).reshape(m, w) @ out_w + out_b)
+            u = _normalize_rows(x) @ up_w + up_b
+            x = x + ((u * (np.float32(1) + np.tanh(u * (self.c1 + self.c2 * u * u)))) @ down_w + down_b)
+        out = _normalize_rows(x) @ self.head_w + self.head_b
+        lm = out[:, :self.cuts[2].stop]
+        logits = out[:, self.cuts[3].start].astype(np.float64)
+        tags = (1.0 / (1.0 + np.exp(-out[:, self.cuts[4]]))).astype(np.float32)
+        # surprise of each event under the prediction made at the event before it
+        before = np.concatenate([lm[:1] if state.prediction is None else state.prediction[None], lm[:-1]])
+        surprise = np.zeros(m, np.float64)
+        for k, cut in enumerate(self.cuts[:3]):
+            seg = before[:, cut].astype(np.float64)
+            top = seg.max(axis=1)
+            surprise += top + np.log(np.exp(seg - top[:, None]).sum(axis=1)) - seg[np.arange(m), rows[:, k]]
+        if state.prediction is None:
+            surprise[0] = 0.0
+        a, bb, cc = self.calibrator
+        risk = 1.0 / (1.0 + np.exp(-np.clip(a * logits + bb * surprise + cc, -60.0, 60.0)))
+        state.prediction, state.position = lm[-1], p0 + m
+        for t in range(m):
+            if state.node < 0 or self.cached >= self.cache_limit:
+                state.node = -1
+                break
+            self.cached += 1
+            self.prefixes[state.node.to_bytes(4, "little") + rows[t].tobytes()] = state.node = self.cached
+            self._kv[self.cached, 0] = [k[t] for k in ks]
+            self._kv[self.cached, 1] = [v[t] for v in vs]
+            self._lm[self.cached], self._tags[self.cached] = lm[t], tags[t]
+            self._scalars[self.cached] = risk[t], logits[t], surprise[t]
+        return float(risk[-1]), tags[-1], float(logits[-1]), float(surprise[-1])
 
     def _surprise(self, lm: np.ndarray, row: np.ndarray) -> float:
         """-log p(category) - log p(op) - log p(class) of this event under the LM logits made
@@ -432,6 +556,7 @@ class _Episode:
     denied: np.uint32 = np.uint32(0)
     redirected: np.uint32 = np.uint32(0)
     events: int = 0
+    quiet: int = 0      # events on the fast path (not scored, no action)
     actions: int = 0
     max_risk: float = 0.0
     steps: list = field(default_factory=list)
@@ -458,7 +583,10 @@ class Manager:
         self.episode: _Episode | None = None
         self._features: dict[tuple, tuple] = {}
         self._actions: dict[bytes, int] = {}
-        self.events = 0
+        self._quiet: dict[str, bool] = {}
+        self._configs: dict = {}
+        self._slots = self.spec.category_slots()
+        self.events = self.quiet_events = 0
 
     def begin(self, test_id: str, config: SandboxConfig) -> None:
         self.episode = _Episode(test_id, config, self.artifact.risk.new_state(),
@@ -475,7 +603,20 @@ class Manager:
             hit = self._features[key] = (row, self.artifact.risk.embed(row))
         return hit
 
-    def observe(self, category: str, cls: str, risk: float, tags: np.ndarray) -> dict:
+    def quiet(self, category: str, target: str, cls: str) -> bool:
+        """Whether the event is quiet now: every tier allows it (asked of the engine once per
+        distinct event) and its category is not revoked in this test."""
+        key = f"{category}\0{cls}\0{target}"
+        known = self._quiet.get(key)
+        slot = self._slots[self.cat_index[category]]
+        if known is None:
+            if len(self._quiet) > 65536:
+                self._quiet.clear()
+            known = self._quiet[key] = bool(quiet_row(decision_row(self.engine, category, target, cls, slot >= 0,
+                                                                   self._configs)))
+        return known and bool(is_quiet(np, True, self.episode.permissions[slot] if slot >= 0 else 0))
+
+    def observe(self, category: str, cls: str, risk: float, tags: np.ndarray, quiet: bool = False) -> dict:
         ep = self.episode
         level = ep.config.level
         return {"risk": np.array([risk], np.float32), "tags": tags,
@@ -483,14 +624,26 @@ class Manager:
                 "tier": np.int64(min(level, len(TIERS) - 1)), "permissions": ep.permissions.copy(),
                 "recent": np.array([int(ep.denied).bit_count(), int(ep.redirected).bit_count()], np.int64),
                 "progress": np.array([progress_of(ep.events)], np.float32),
-                "action_mask": action_mask(np, level, ep.permissions, self.spec.n_categories).astype(np.int8)}
+                "action_mask": action_mask(np, level, ep.permissions, self.spec.n_categories, quiet).astype(np.int8)}
 
     def event(self, category: str, op: str, target: str, cls: str, phase: str, t_ns: int) -> tuple[SandboxConfig, dict]:
-        """The config this event is decided under, and what the models said (for the audit)."""
+        """The config this event is decided under, and what the models said (for the audit):
+        risk (None on the fast path), action and tier."""
         ep = self.episode
         risk_model = self.artifact.risk
         features, embedded = self.features(category, op, target, cls, phase)
         row = risk_model.encode(ep.risk, features, t_ns)
+        if self.quiet(category, target, cls):
+            if self.keep_steps:
+                nan = np.full(len(INFERRED_TAGS), np.nan, np.float32)
+                ep.steps.append({"risk": None, "action": "stay", "tier": ep.config.tier, "quiet": True,
+                                 "obs": self.observe(category, cls, np.nan, nan, quiet=True)})
+            risk_model.defer(ep.risk, row, embedded)
+            ep.events += 1
+            ep.quiet += 1
+            self.events += 1
+            self.quiet_events += 1
+            return ep.config, {"risk": None, "action": "stay", "tier": ep.config.tier}
         risk, tags, logit, surprise = risk_model.step(ep.risk, row, embedded)
         # The action is a function of the observation alone; this key determines it exactly
         # (the recent-decision bits and the capped event count are finer than what it shows).
@@ -515,7 +668,7 @@ class Manager:
         self.events += 1
         said = {"risk": risk, "action": self.actions[action], "tier": ep.config.tier}
         if self.keep_steps:
-            ep.steps.append({**said, "obs": obs, "logit": logit, "surprise": surprise, "tags": tags})
+            ep.steps.append({**said, "quiet": False, "obs": obs, "logit": logit, "surprise": surprise, "tags": tags})
         return ep.config, said
 
     def decided(self, effect: str) -> None:

@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sandhop.enforcement.engine import TIERS, PolicyEngine, SandboxConfig
+from sandhop.enforcement.engine import TIERS, PolicyEngine
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, TARGET_CLASSES
-from sandhop.envs.spec import EFFECTS, PERMISSIONS, EnvError, EnvSpec, progress_of
+from sandhop.envs.spec import PERMISSIONS, EnvError, EnvSpec, decision_row, progress_of
 
 SPLITS = ("train", "val", "test", "novel")
 
@@ -49,7 +49,6 @@ RULES: tuple[tuple[frozenset[str], frozenset[str] | None, float, tuple[str, ...]
     (frozenset({"net.bind"}), frozenset({"public_net", "unspecified"}), 0.3, ("execution",)),
 )
 LOW_RISK = 0.05
-EFFECT_INDEX = {e: i for i, e in enumerate(EFFECTS)}
 
 
 def rule_risk(category: str, target_class: str) -> tuple[float, np.ndarray]:
@@ -301,19 +300,12 @@ def load(split: str, dataset: Any = "default", spec: EnvSpec | None = None, *, p
 
 # --------------------------------------------------------------------------- the decision table
 
-def config_for(engine: PolicyEngine, level: int, category: str, permission: int) -> SandboxConfig:
-    """The config a decision depends on for an event of `category`: the tier, plus a grant or
-    revocation of the whole category (rules of other categories never decide this event)."""
-    return engine.config(TIERS[level], grants=(category,) if permission == 1 else (),
-                         revocations=(category,) if permission == 2 else ())
-
-
 def decision_table(episodes: Episodes, spec: EnvSpec, engine: PolicyEngine | None = None,
                    progress: bool = False, cache: bool = True) -> np.ndarray:
     """int8 [targets, tiers, permissions]: the engine's effect (index into EFFECTS) for every
-    distinct event under every config a test can reach. Cached under <cache>/decisions/, keyed
-    by everything a decision depends on: the tier files, the engine's roots, the categories
-    with grant/revoke actions and the targets themselves."""
+    distinct event under every config a test can reach (`spec.decision_row`). Cached under
+    <cache>/decisions/, keyed by everything a decision depends on: the tier files, the engine's
+    roots, the categories with grant/revoke actions and the targets themselves."""
     engine = engine or PolicyEngine()
     path = None
     if cache:
@@ -335,19 +327,11 @@ def decision_table(episodes: Episodes, spec: EnvSpec, engine: PolicyEngine | Non
                 pass  # a damaged cache file is rebuilt
     slots = spec.category_slots()
     table = np.zeros((len(episodes.targets), len(TIERS), len(PERMISSIONS)), np.int8)
-    configs = {}
+    configs: dict = {}
     from tqdm import tqdm
     for u, (category, target, cls) in enumerate(tqdm(episodes.targets, desc="decision table", unit="target",
                                                      disable=not progress, mininterval=1.0)):
-        reachable = range(len(PERMISSIONS)) if slots[CATEGORIES.index(category)] >= 0 else (0,)
-        for level in range(len(TIERS)):
-            for p in reachable:
-                cfg = configs.get((level, category, p))
-                if cfg is None:
-                    cfg = configs[(level, category, p)] = config_for(engine, level, category, p)
-                table[u, level, p] = EFFECT_INDEX[engine.decide_target(category, target, cls, cfg).effect]
-            if len(reachable) == 1:
-                table[u, level, 1:] = table[u, level, 0]
+        table[u] = decision_row(engine, category, target, cls, slots[CATEGORIES.index(category)] >= 0, configs)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")

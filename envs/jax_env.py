@@ -29,7 +29,8 @@ from gymnasium.vector import AutoresetMode
 from sandhop.enforcement.engine import PolicyEngine
 from sandhop.enforcement.events import CATEGORIES, TARGET_CLASSES
 from sandhop.envs import data as envdata
-from sandhop.envs.spec import N_TIERS, PERMISSIONS, EnvSpec, action_mask, flat_observation, outcome_of, push_recent, step_reward
+from sandhop.envs.spec import (N_TIERS, PERMISSIONS, EnvSpec, action_mask, flat_observation, is_quiet, outcome_of,
+                               push_recent, quiet_row, step_reward)
 
 
 @struct.dataclass
@@ -46,8 +47,8 @@ class EnvState:
 
 
 # EnvParams.meta packs per event: category (bits 0-4), target class (5-10), malicious (11),
-# permission slot + 1 (12-17; 0: the category has no grant/revoke action), damaging (18).
-_CLASS_SHIFT, _MALICIOUS_SHIFT, _SLOT_SHIFT, _DAMAGING_SHIFT = 5, 11, 12, 18
+# permission slot + 1 (12-17; 0: the category has no grant/revoke action), damaging (18), quiet (19).
+_CLASS_SHIFT, _MALICIOUS_SHIFT, _SLOT_SHIFT, _DAMAGING_SHIFT, _QUIET_SHIFT = 5, 11, 12, 18, 19
 
 
 @struct.dataclass
@@ -57,7 +58,7 @@ class EnvParams:
     start: jax.Array         # int32 [E]
     length: jax.Array        # int32 [E]
     attacked: jax.Array      # bool [E]: the episode holds an injected attack
-    meta: jax.Array          # uint32 [N]: category, target class, malicious, permission slot (see above)
+    meta: jax.Array          # uint32 [N]: category, target class, malicious, permission slot, quiet (see above)
     floats: jax.Array        # float32 [N, 1 + T + 1]: risk, tag probabilities, progress
     decisions: jax.Array     # uint32 [N]: the engine's effect under each (tier, permission), 2 bits each
     costs: jax.Array         # float32 [6]: reward of each outcome
@@ -77,7 +78,8 @@ def make_params(episodes: envdata.Episodes, decisions: np.ndarray, spec: EnvSpec
     assert decisions.shape[1] * decisions.shape[2] <= 16, "2 bits per decision in a uint32"
     meta = (episodes.category.astype(np.int64) | episodes.target_class.astype(np.int64) << _CLASS_SHIFT
             | episodes.malicious.astype(np.int64) << _MALICIOUS_SHIFT | (slots[episodes.category] + 1) << _SLOT_SHIFT
-            | episodes.damaging.astype(np.int64) << _DAMAGING_SHIFT)
+            | episodes.damaging.astype(np.int64) << _DAMAGING_SHIFT
+            | quiet_row(decisions).astype(np.int64)[episodes.event] << _QUIET_SHIFT)
     floats = np.concatenate([episodes.risk[:, None], episodes.tags, episodes.progress[:, None]], axis=1)
     flat = decisions.reshape(len(decisions), -1).astype(np.int64)
     packed = (flat << (2 * np.arange(flat.shape[1]))).sum(axis=1)[episodes.event]
@@ -161,8 +163,15 @@ class JaxSandboxEnv:
             "recent": jnp.stack([jax.lax.population_count(state.denied),
                                  jax.lax.population_count(state.redirected)]).astype(jnp.int32),
             "progress": jnp.where(state.t >= state.length, jnp.float32(1.0), floats[-1:]),
-            "action_mask": action_mask(jnp, state.level, state.permissions, self.spec.n_categories).astype(jnp.int8),
+            "action_mask": self._mask(state, meta).astype(jnp.int8),
         }
+
+    def _mask(self, state: EnvState, meta: jax.Array) -> jax.Array:
+        """The valid actions at the event with this meta word (only stay at a quiet one)."""
+        slot = ((meta >> _SLOT_SHIFT) & 63).astype(jnp.int32) - 1
+        permission = jnp.where(slot >= 0, state.permissions[jnp.maximum(slot, 0)], 0)
+        quiet = is_quiet(jnp, ((meta >> _QUIET_SHIFT) & 1).astype(bool), permission)
+        return action_mask(jnp, state.level, state.permissions, self.spec.n_categories, quiet)
 
     def step_env(self, state: EnvState, action: jax.Array, params: EnvParams):
         """One event, without autoreset: (obs, state, reward, terminated, truncated, info)."""
@@ -187,7 +196,9 @@ class JaxSandboxEnv:
     def _transition(self, state: EnvState, action: jax.Array, params: EnvParams):
         k = self.spec.n_categories
         action = jnp.asarray(action, jnp.int32)
-        mask = action_mask(jnp, state.level, state.permissions, k)
+        i = state.start + state.t
+        meta = params.meta[i]
+        mask = self._mask(state, meta)
         valid = (action >= 0) & (action < self.n_actions) & mask[jnp.clip(action, 0, self.n_actions - 1)]
         action = jnp.where(valid, action, 0)
         hopped = (action >= 1) & (action <= N_TIERS)
@@ -197,8 +208,6 @@ class JaxSandboxEnv:
         changed = grant | revoke
         slot_k = jnp.where(grant, action - 1 - N_TIERS, action - 1 - N_TIERS - k)
         permissions = jnp.where(changed & (jnp.arange(k) == slot_k), jnp.where(grant, 1, 2), state.permissions)
-        i = state.start + state.t
-        meta = params.meta[i]
         slot = ((meta >> _SLOT_SHIFT) & 63).astype(jnp.int32) - 1
         malicious = ((meta >> _MALICIOUS_SHIFT) & 1).astype(jnp.int32)
         permission = jnp.where(slot >= 0, permissions[jnp.maximum(slot, 0)], 0)

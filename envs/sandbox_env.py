@@ -27,7 +27,7 @@ from sandhop.enforcement.engine import PolicyEngine
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, TARGET_CLASSES
 from sandhop.envs import data as envdata
 from sandhop.envs.spec import (EFFECTS, N_TIERS, OUTCOMES, PERMISSIONS, EnvSpec, action_mask, apply_action,
-                               outcome_of, push_recent, step_reward)
+                               decision_row, is_quiet, outcome_of, push_recent, quiet_row, step_reward)
 
 
 def observation_space(spec: EnvSpec) -> spaces.Dict:
@@ -74,6 +74,9 @@ class SandboxManagerEnv(gym.Env):
         self._damage_cost = np.float32(self.env_spec.damaging_allowed)
         self._episode = -1
         self._last: dict = {}
+        # per distinct event: 1 quiet, 0 not, -1 not yet asked (the engine decides it once)
+        self._quiet = np.full(len(self.episodes.targets), -1, np.int8)
+        self._configs: dict = {}
 
     # ------------------------------------------------------------------ Gymnasium API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -93,8 +96,8 @@ class SandboxManagerEnv(gym.Env):
         self._permissions = np.zeros(self.env_spec.n_categories, np.int64)
         self._denied = np.uint32(0)
         self._redirected = np.uint32(0)
-        self._mask = self._compute_mask()
         self._last = {}
+        self._mask = self._compute_mask()
         suite, run_id, test_id = self.episodes.keys[episode]
         return self._observation(), {"episode": episode, "suite": suite, "run_id": run_id, "test_id": test_id,
                                      "attack": self.episodes.attack[episode], "length": self._length}
@@ -111,8 +114,6 @@ class SandboxManagerEnv(gym.Env):
         if valid:
             self.config, hopped, changed = apply_action(self.engine, self.config, self._permissions, action,
                                                         self.env_spec)
-        if hopped or changed:
-            self._mask = self._compute_mask()
         i = self._start + self._t
         category, target, cls = self.episodes.targets[int(self.episodes.event[i])]
         decision = self.engine.decide_target(category, target, cls, self.config)
@@ -130,7 +131,8 @@ class SandboxManagerEnv(gym.Env):
         terminated = self._t >= self._length
         limit = self.env_spec.max_episode_steps
         truncated = not terminated and limit > 0 and self._t >= limit
-        info = {"decision": decision.effect, "rule_id": decision.rule_id, "reason": decision.reason,
+        quiet = not self._mask[1:].any() and bool(self._quiet[int(self.episodes.event[i])])
+        info = {"decision": decision.effect, "rule_id": decision.rule_id, "reason": decision.reason, "quiet": quiet,
                 "malicious": malicious, "damaging": damaging,
                 "attack": self.episodes.attack[self._episode], "tier": self.config.tier,
                 "outcome": OUTCOMES[outcome], "action": self._names[action] if valid else "stay",
@@ -138,6 +140,7 @@ class SandboxManagerEnv(gym.Env):
         self._last = info
         if truncated:
             self._length = self._t  # the episode is over for step()
+        self._mask = self._compute_mask()
         return self._observation(), float(reward), terminated, truncated, info
 
     def render(self):
@@ -155,7 +158,18 @@ class SandboxManagerEnv(gym.Env):
         return self._mask.copy()
 
     def _compute_mask(self) -> np.ndarray:
-        return action_mask(np, self.config.level, self._permissions, self.env_spec.n_categories).astype(np.int8)
+        """The mask at the current event (the last one once the episode is over, as the
+        observation shows it)."""
+        e = self.episodes
+        i = self._start + min(self._t, int(e.length[self._episode]) - 1)
+        u = int(e.event[i])
+        if self._quiet[u] < 0:
+            category, target, cls = e.targets[u]
+            slotted = self._slot[CATEGORIES.index(category)] >= 0
+            self._quiet[u] = quiet_row(decision_row(self.engine, category, target, cls, slotted, self._configs))
+        slot = self._slot[int(e.category[i])]
+        quiet = is_quiet(np, bool(self._quiet[u]), self._permissions[slot] if slot >= 0 else 0)
+        return action_mask(np, self.config.level, self._permissions, self.env_spec.n_categories, quiet).astype(np.int8)
 
     def _observation(self) -> dict:
         e = self.episodes

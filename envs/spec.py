@@ -18,6 +18,15 @@ A grant is masked in lockdown and where the category is already granted; a revoc
 already revoked. A masked action is treated as `stay` (and flagged in `info`), so random agents
 that ignore the mask cannot crash an episode.
 
+Quiet events: an event that every tier allows, with or without a grant of its category (reading
+the stdlib, site-packages or a temporary file, an import, setting an environment variable; about
+nine in ten events of real suites), keeps its decision whatever the manager does, unless its whole
+category is revoked. At a quiet event of a category that is not revoked the mask allows only
+`stay`: the manager acts before the next event whose decision it can change, with the risk
+model's reading of everything before it. The live runtime therefore skips the policy at quiet
+events and runs the risk model over them in one batch when the next event needs a score (the
+fast path; `sandhop.enforcement.runtime`).
+
 Observation (a `Dict`): `risk` [1] and `tags` [T] of the current event (T = inferred tags), its
 `category` and `target_class` (indices into the event model's vocabularies), the current `tier`,
 `permissions` [K] (0 tier default, 1 granted, 2 revoked), `recent` [2] (denied and redirected
@@ -200,14 +209,48 @@ def plain_config(cfg: Any) -> dict:
 
 # --------------------------------------------------------------------------- shared logic (numpy or jax.numpy)
 
-def action_mask(xp, level, permissions, n_categories: int):
+def action_mask(xp, level, permissions, n_categories: int, quiet=False):
     """Which actions are valid in a state: stay; hops to stricter tiers; grants outside lockdown
-    of categories not granted; revocations of categories not revoked."""
+    of categories not granted; revocations of categories not revoked. At a quiet event (see
+    `is_quiet`) only stay."""
+    act = ~xp.asarray(quiet, bool)
     stay = xp.ones((1,), bool)
-    hops = xp.arange(N_TIERS) > level
-    grants = (permissions != GRANTED) & (level < LOCKDOWN)
-    revokes = permissions != REVOKED
+    hops = (xp.arange(N_TIERS) > level) & act
+    grants = (permissions != GRANTED) & (level < LOCKDOWN) & act
+    revokes = (permissions != REVOKED) & act
     return xp.concatenate([stay, hops, grants, revokes])
+
+
+def quiet_row(effects: np.ndarray) -> np.ndarray:
+    """Whether events are quiet, from their decision-table rows [..., tiers, permissions] (effect
+    indices): allowed under every tier, by default and with the category granted."""
+    return (effects[..., :REVOKED] == 0).all(axis=(-2, -1))
+
+
+def is_quiet(xp, quiet_event, permission):
+    """A quiet event is quiet now unless its category is revoked (then it is denied, and the
+    manager may grant it back)."""
+    return xp.asarray(quiet_event, bool) & (permission != REVOKED)
+
+
+def decision_row(engine: PolicyEngine, category: str, target: str, cls: str, slotted: bool,
+                 configs: dict | None = None) -> np.ndarray:
+    """int8 [tiers, permissions]: the engine's effect on one event under every config a test can
+    reach (a category without grant/revoke actions has only the tier's). `configs` caches the
+    configs between calls."""
+    configs = {} if configs is None else configs
+    row = np.zeros((N_TIERS, len(PERMISSIONS)), np.int8)
+    for level in range(N_TIERS):
+        for p in (range(len(PERMISSIONS)) if slotted else (0,)):
+            cfg = configs.get((level, category, p))
+            if cfg is None:
+                cfg = configs[(level, category, p)] = engine.config(
+                    TIERS[level], grants=(category,) if p == GRANTED else (),
+                    revocations=(category,) if p == REVOKED else ())
+            row[level, p] = EFFECTS.index(engine.decide_target(category, target, cls, cfg).effect)
+        if not slotted:
+            row[level, 1:] = row[level, 0]
+    return row
 
 
 def outcome_of(malicious, effect):

@@ -44,6 +44,20 @@ def sample(episodes: envdata.Episodes, n: int, seed: int = 0) -> list[int]:
     return picked + rng.choice(benign, size=n - len(picked), replace=False).tolist()
 
 
+def planned(plan: dict[int, int]):
+    """A policy that takes each planned action at its step, or as soon after as the mask allows
+    it (the mask allows only stay at quiet events)."""
+    queue = sorted(plan.items())
+
+    def policy(obs, t):
+        if t == 0:
+            queue[:] = sorted(plan.items())
+        if queue and queue[0][0] <= t and obs["action_mask"][queue[0][1]]:
+            return queue.pop(0)[1]
+        return 0
+    return policy
+
+
 def play(env: SandboxManagerEnv, episode: int, policy) -> tuple[float, list[dict], list[int]]:
     obs, _ = env.reset(options={"episode": episode})
     total, infos, actions, done = 0.0, [], [], False
@@ -80,34 +94,94 @@ def test_the_env_decides_with_the_real_engine(test_split):
     assert all(i["decision"] == "allow" and i["rule_id"] == "observe:default" for i in infos)
     assert any(i["outcome"] == "malicious_allowed" for i in infos)
     # the same attack with an escalation to lockdown first: the engine's lockdown rules decide
-    _, infos, _ = play(env, attacked, lambda obs, t: 1 + TIERS.index("lockdown") if t == 0 else 0)
-    assert infos[0]["tier"] == "lockdown"
-    assert {i["rule_id"].split(":")[0] for i in infos} <= {"low", "high", "lockdown"}  # lockdown extends high
-    assert not any(i["outcome"] == "malicious_allowed" for i in infos)
+    # (at its first event that is not quiet: the mask allows only stay before)
+    lockdown = 1 + TIERS.index("lockdown")
+    _, infos, actions = play(env, attacked, lambda obs, t: lockdown if obs["action_mask"][lockdown] else 0)
+    first = actions.index(lockdown)
+    assert all(i["quiet"] and i["decision"] == "allow" for i in infos[:first])
+    assert all(i["tier"] == "lockdown" for i in infos[first:])
+    assert {i["rule_id"].split(":")[0] for i in infos[first:]} <= {"low", "high", "lockdown"}  # extends high
+    # what lockdown lets through is quiet: every tier allows it
+    assert not any(i["outcome"] == "malicious_allowed" and not i["quiet"] for i in infos)
+
+
+def until_not_quiet(env: SandboxManagerEnv, obs: dict) -> dict:
+    """Stay through quiet events (only stay is valid there) to the next one the manager acts at."""
+    while not obs["action_mask"][1:].any():
+        obs, _, terminated, truncated, _ = env.step(0)
+        assert not (terminated or truncated), "the episode ended before an event the manager acts at"
+    return obs
 
 
 def test_masks_are_respected():
     env = SandboxManagerEnv(split="val", dataset="small", base_tier="low")
     names = env.env_spec.action_names()
-    obs, _ = env.reset(seed=0)
+    episode = max(range(len(env.episodes)), key=lambda e: env.episodes.length[e])
+    obs, _ = env.reset(options={"episode": episode})
+    obs = until_not_quiet(env, obs)
     mask = obs["action_mask"]
     assert mask[0] == 1
     assert [mask[names.index(f"hop:{t}")] for t in TIERS] == [0, 0, 1, 1, 1]  # only escalation
     obs, *_, info = env.step(names.index("hop:lockdown"))
     assert info["tier"] == "lockdown" and not info["invalid_action"]
+    obs = until_not_quiet(env, obs)
     mask = obs["action_mask"]
     assert not any(mask[1:1 + N_TIERS])                                   # lockdown is one-way
     assert not any(mask[names.index(f"grant:{c}")] for c in env.env_spec.categories)  # no grants in lockdown
     assert all(mask[names.index(f"revoke:{c}")] for c in env.env_spec.categories)
-    if not (obs["progress"] == 1).all():
-        obs, *_, info = env.step(names.index("hop:low"))                  # a masked action: stays
-        assert info["invalid_action"] and info["tier"] == "lockdown" and info["action"] == "stay"
+    obs, *_, info = env.step(names.index("hop:low"))                      # a masked action: stays
+    assert info["invalid_action"] and info["tier"] == "lockdown" and info["action"] == "stay"
     # a revoked category cannot be revoked again, and is shown in the observation
-    obs, _ = env.reset(options={"episode": int(np.argmax(env.episodes.length))})
+    obs, _ = env.reset(options={"episode": episode})
+    obs = until_not_quiet(env, obs)
     k = env.env_spec.categories.index("fs.read")
     obs, *_ = env.step(names.index("revoke:fs.read"))
     assert obs["permissions"][k] == 2 and obs["action_mask"][names.index("revoke:fs.read")] == 0
     assert "fs.read" in env.config.revocations
+
+
+def test_quiet_events_allow_only_stay_and_every_tier_allows_them(test_split):
+    """At a quiet event the manager cannot change its decision (every tier allows it, with or
+    without a grant), so the mask allows only stay; revoking its category makes it count again."""
+    from sandhop.enforcement.engine import PolicyEngine
+    engine = PolicyEngine()
+    env = SandboxManagerEnv(episodes=test_split, base_tier="observe", engine=engine)
+    names = env.env_spec.action_names()
+    seen = {True: 0, False: 0}
+    for e in sample(test_split, 20, seed=3):
+        _, infos, _ = play(env, e, lambda obs, t: 0)
+        for t, info in enumerate(infos):
+            seen[info["quiet"]] += 1
+            if info["quiet"]:
+                category, target, cls = test_split.targets[int(test_split.event[test_split.start[e] + t])]
+                for tier in TIERS:
+                    for grants in ((), (category,)):
+                        config = engine.config(tier, grants=grants)
+                        assert engine.decide_target(category, target, cls, config).effect == "allow"
+    assert seen[True] > 5 * seen[False] > 0   # most events are quiet
+    # a quiet fs.read after fs.read was revoked: the manager may act there (grant it back)
+    from sandhop.envs.spec import quiet_row
+    quiet = quiet_row(envdata.decision_table(test_split, env.env_spec))
+    is_read = np.array([t[0] == "fs.read" for t in test_split.targets])
+
+    def fits(e):   # an event the manager acts at, then an fs.read
+        events = test_split.event[test_split.span(e)]
+        loud = np.flatnonzero(~quiet[events])
+        return len(loud) > 0 and is_read[events[loud[0] + 1:]].any()
+    e = next(e for e in range(len(test_split)) if fits(e))
+    obs, _ = env.reset(options={"episode": e})
+    revoke = names.index("revoke:fs.read")
+    while not obs["action_mask"][revoke]:
+        obs, *_ = env.step(0)
+    obs, *_, info = env.step(revoke)
+    while True:
+        i = test_split.start[e] + env._t
+        if test_split.targets[int(test_split.event[i])][0] == "fs.read":
+            break
+        obs, *_ = env.step(0)
+    assert obs["action_mask"][names.index("grant:fs.read")] == 1
+    obs, *_, info = env.step(0)
+    assert info["decision"] == "deny" and not info["quiet"]
 
 
 def test_vector_envs():
@@ -210,11 +284,8 @@ def test_each_reward_term_changes_the_return_as_configured(test_split, term):
     episodes = test_split.subset(sample(test_split, 30, seed=1))
     names = EnvSpec().action_names()
     # escalate mid-test, revoke a category, grant another: every outcome and cost occurs
-    plan = {1: names.index("hop:medium"), 2: names.index("revoke:fs.read"), 3: names.index("grant:net.dns"),
-            4: names.index("hop:lockdown")}
-
-    def policy(obs, t):
-        return plan.get(t, 0)
+    policy = planned({1: names.index("hop:medium"), 2: names.index("revoke:fs.read"),
+                      3: names.index("grant:net.dns"), 4: names.index("hop:lockdown")})
 
     def returns(**overrides):
         env = SandboxManagerEnv(episodes=episodes, base_tier="observe", max_episode_steps=40, **overrides)

@@ -114,39 +114,93 @@ def test_the_numpy_runtime_reproduces_the_jax_models_on_recorded_traces(trained_
     names = art.env_spec.action_names()
     manager = Manager(art, engine, keep_steps=True)
     worst = 0.0
-    steps = 0
+    steps = quiet_steps = 0
     first = []
     for episode in episodes:
         recorded = replay(manager, engine, episode)
         first.append(recorded)
-        # the JAX policy on the runtime's observations takes the runtime's actions
-        obs = {k: jnp.asarray(np.stack([np.atleast_1d(s["obs"][k]) if np.ndim(s["obs"][k]) else s["obs"][k]
-                                        for s in recorded])) for k in recorded[0]["obs"]}
-        x = network.normalize(jnp, jax.tree_util.tree_map(jnp.asarray, policy.norm),
-                              network.policy_inputs(jnp, obs, art.env_spec), policy.config.normalize_obs)
-        logits, _ = network.heads(jnp, jax.tree_util.tree_map(jnp.asarray, policy.params), x,
-                                  obs["action_mask"].astype(bool))
-        assert [names[a] for a in np.asarray(jnp.argmax(logits, axis=-1))] == [s["action"] for s in recorded]
+        # the JAX policy on the runtime's observations takes the runtime's actions (at quiet
+        # events, which the runtime does not score, the mask leaves it only stay)
+        scored = [s for s in recorded if not s["quiet"]]
+        quiet_steps += len(recorded) - len(scored)
+        assert all(s["action"] == "stay" for s in recorded if s["quiet"])
+        if scored:
+            obs = {k: jnp.asarray(np.stack([np.atleast_1d(s["obs"][k]) if np.ndim(s["obs"][k]) else s["obs"][k]
+                                            for s in scored])) for k in scored[0]["obs"]}
+            x = network.normalize(jnp, jax.tree_util.tree_map(jnp.asarray, policy.norm),
+                                  network.policy_inputs(jnp, obs, art.env_spec), policy.config.normalize_obs)
+            logits, _ = network.heads(jnp, jax.tree_util.tree_map(jnp.asarray, policy.params), x,
+                                      obs["action_mask"].astype(bool))
+            assert [names[a] for a in np.asarray(jnp.argmax(logits, axis=-1))] == [s["action"] for s in scored]
         # the env shows the same observations when it takes the runtime's actions: risk and
-        # tags as the JAX model scores them (within 1e-5), everything else exactly
+        # tags as the JAX model scores them (within 1e-5; the runtime read the quiet events
+        # before them in batches), everything else exactly, the action mask included
         obs_env, _ = env.reset(options={"episode": where[episode["key"]]})
         for s in recorded:
             for k, v in s["obs"].items():
                 if k in ("risk", "tags"):
-                    worst = max(worst, float(np.abs(obs_env[k] - v).max()))
+                    if not s["quiet"]:
+                        worst = max(worst, float(np.abs(obs_env[k] - v).max()))
                 else:
                     np.testing.assert_array_equal(obs_env[k], v, err_msg=k)
             obs_env, *_ = env.step(names.index(s["action"]))
             steps += 1
     assert worst <= 1e-5, worst
-    assert steps > 500
+    assert steps > 500 and steps - quiet_steps > 100 and quiet_steps > 100
     # a second pass replays from the prefix and action caches: the same numbers exactly
-    misses = art.risk.misses
+    misses, hits = art.risk.misses, art.risk.hits
     for episode, recorded in zip(episodes, first):
         again = replay(manager, engine, episode)
-        assert [(s["risk"], s["action"], s["surprise"]) for s in again] == \
-            [(s["risk"], s["action"], s["surprise"]) for s in recorded]
-    assert art.risk.misses - misses < steps / 10 and art.risk.hits > steps
+        assert [(s["risk"], s["action"], s.get("surprise")) for s in again] == \
+            [(s["risk"], s["action"], s.get("surprise")) for s in recorded]
+    assert art.risk.misses - misses < steps / 10 and art.risk.hits - hits > (steps - quiet_steps)
+
+
+def test_deferred_events_score_as_stepping_through_each(trained):
+    """The fast path's batches (`RiskRuntime.defer`, then `step`; `run` over any split into
+    blocks) give the scores of one step per event, past the key/value ring's wrap-around, and
+    replay them from the prefix cache."""
+    art = Artifact.load(trained.artifact)
+    risk = art.risk
+    kinds = [("fs.read", "open", "${site}/pkg/mod.py", "site", "call"),
+             ("fs.write", "open", "${tmp}/out/data.json", "tmp", "call"),
+             ("net.connect", "connect", "203.0.113.7:443", "public_net", "call"),
+             ("env.read", "environ.get", "AWS_SECRET_ACCESS_KEY", "env.secret", "setup"),
+             ("proc.spawn", "subprocess.Popen", "/usr/bin/git", "system", "call")]
+    rng = np.random.default_rng(7)
+    n = 3 * risk.context + 11
+    state = risk.new_state()
+    rows = np.stack([risk.encode(state, art.feature_spec.encode_event(*kinds[k]), int(t))
+                     for k, t in zip(rng.integers(0, len(kinds), n), np.cumsum(rng.integers(1, 10**7, n)))])
+    embedded = np.stack([risk.embed(r) for r in rows])
+    limit, risk.cache_limit = risk.cache_limit, 0   # the network on every event
+    state = risk.new_state()
+    one_by_one = [risk.step(state, rows[i], embedded[i]) for i in range(n)]
+
+    def close(a, b):
+        assert abs(a[0] - b[0]) < 1e-6 and abs(a[2] - b[2]) < 1e-4 and abs(a[3] - b[3]) < 1e-4
+        np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+
+    scored = rng.random(n) < 0.2
+    state = risk.new_state()
+    for i in range(n):
+        if scored[i]:
+            close(risk.step(state, rows[i], embedded[i]), one_by_one[i])
+        else:
+            risk.defer(state, rows[i], embedded[i])
+    for split in ([n], [1, 2, risk.context + 3, n - risk.context - 6]):
+        state, start = risk.new_state(), 0
+        for size in split:
+            close(risk.run(state, rows[start:start + size], embedded[start:start + size]), one_by_one[start + size - 1])
+            start += size
+    # with the prefix cache: a batch fills it, the same events again are answered from it
+    risk.cache_limit = limit
+    first = risk.run(risk.new_state(), rows, embedded)
+    misses = risk.misses
+    again = risk.run(risk.new_state(), rows, embedded)
+    assert risk.misses == misses and (again[0], again[2], again[3]) == (first[0], first[2], first[3])
+    np.testing.assert_array_equal(again[1], first[1])
+    close(first, one_by_one[-1])
 
 
 def test_the_runtime_imports_no_jax(trained, tmp_path):
@@ -180,7 +234,7 @@ def test_the_runtime_imports_no_jax(trained, tmp_path):
                            f"--sandhop-enforce={trained.artifact}", "test_x.py"],
                           cwd=tmp_path / "suite", capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "1 passed" in done.stdout and "events scored" in done.stdout
+    assert "1 passed" in done.stdout and "scored and" in done.stdout
 
 
 # --------------------------------------------------------------------------- fail closed
@@ -262,7 +316,7 @@ def test_the_manager_acts_before_the_engine_decides_and_the_audit_log_says_so(ar
                    f"--sandhop-audit-log={log}")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*hop:high*observe -> high*", "*deny*fs.read*id_rsa*(risk *",
-                                 "*events scored in*manager actions*"])
+                                 "*events in*scored and*quiet*manager actions*"])
     actions = records(log, "action")
     assert {a["test_id"].rsplit("::", 1)[-1] for a in actions} >= {"test_reads_key", "test_writes_tmp"}
     assert all(a["action"] == "hop:high" and a["tier_before"] == "observe" and a["tier"] == "high"
@@ -278,7 +332,9 @@ def test_the_manager_acts_before_the_engine_decides_and_the_audit_log_says_so(ar
     from sandhop.datasets.traces import read_traces
     from sandhop.enforcement import audit
     table = read_traces(audit.export(log, tmp_path / "trace"))
-    assert table.num_rows == len(scored) and None not in table.column("risk").to_pylist()
+    # (quiet events, on the fast path, carry no risk: the model read them without scoring them)
+    assert table.num_rows == len(scored)
+    assert table.column("risk").to_pylist().count(None) == sum(e["quiet"] for e in episodes) > 0
     assert {"passed", "failed"} <= set(table.column("test_outcome").to_pylist())
     # the same artifact in audit mode blocks nothing and records what it would have denied
     audit_log = tmp_path / "audit-mode.jsonl"
@@ -322,4 +378,4 @@ def test_the_runtime_leaves_no_objects_behind_per_event(trained, pytester):
     """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--sandhop-enforce={trained.artifact}")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*events scored*"])
+    result.stdout.fnmatch_lines(["*events in*scored and*quiet*"])
