@@ -18,7 +18,7 @@ import numpy as np
 
 from sandhop.enforcement.engine import TIER_LEVEL, TIERS, PolicyEngine
 from sandhop.envs import data as envdata
-from sandhop.envs.spec import LOCKDOWN, EnvSpec, quiet_row
+from sandhop.envs.spec import LOCKDOWN, EnvSpec
 
 STAY = 0
 TUNED_TIERS: tuple[str, ...] = ("medium", "high", "lockdown")
@@ -125,7 +125,7 @@ def threshold_grid(episodes: envdata.Episodes, spec: EnvSpec, *, tiers: Sequence
         envdata.with_risk(episodes, spec)
     table = envdata.decision_table(episodes, spec, engine)
     effect = table[episodes.event, :, 0].T   # [tiers, events]; no grants
-    loud = ~quiet_row(table)[episodes.event]   # the rule never revokes: quiet events stay quiet
+    loud = ~episodes.quiet(table)   # the rule never revokes: quiet events stay quiet
     malicious = episodes.malicious
     costs, overhead = spec.outcome_costs(), np.asarray(spec.tier_overhead, np.float32)
     step = (costs[3 * malicious.astype(np.int64)[None] + effect] - overhead[:, None]

@@ -156,7 +156,7 @@ def dt_bucket(dt_ns: np.ndarray, buckets: int) -> np.ndarray:
 
 def dt_bucket_one(dt_ns: int, buckets: int) -> int:
     """`dt_bucket` of one time delta (the runtime's per-event path; the same float64 steps)."""
-    return int(min(max(1 + math.floor(np.log2(max(dt_ns, 0) / 1e3 + 1)), 1), buckets - 1))
+    return int(min(max(1 + math.floor(math.log2(max(dt_ns, 0) / 1e3 + 1)), 1), buckets - 1))
 
 
 def target_pieces(category: str, target: str) -> list[str]:

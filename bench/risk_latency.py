@@ -11,8 +11,10 @@ runs) built from the same weights, its prefix cache off so every event runs the 
 straight through like the JAX loop (no reset between tests, so once the key/value cache is full
 every event attends over the whole context, the dearest case); p50, p99, the ratio JAX p50 /
 numpy p50, and the largest risk-logit difference between the two over the first events (they
-compute the same model). Batch: the jitted full-sequence forward over `--batch` sequences of
-`--seq-len` events, in events per second. Weights are freshly initialised (speed does not
+compute the same model). Numpy batches: the same events read by `RiskRuntime.run` in batches of 8
+and of 64 (how the runtime reads the quiet events it defers on its fast path), per event. Batch:
+the jitted full-sequence forward over `--batch` sequences of `--seq-len` events, in events per
+second. Weights are freshly initialised (speed does not
 depend on training). Real events come from the bundled traces, encoded with a spec fitted on
 them.
 
@@ -20,8 +22,10 @@ With `--artifact DIR` (made by `sandhop export`): the runtime's whole per-event 
 event, on the same traces' raw events, each test starting an episode at the artifact's base tier:
 `Manager.event` (the artifact's own risk model, the observation, the policy's action and its
 effect on the test's config), a `PolicyEngine` decision under the config it returns, and
-`Manager.decided`; caches on, as in a real run (the share of events the risk model's prefix
-cache answered is reported). The last output line is one JSON object.
+`Manager.decided`; caches on, as in a real run: p50 and p99 over all events, and apart for the
+quiet events (the fast path: no score, no policy) and the scored ones (which also read the quiet
+events deferred before them), with the quiet share and the share of events the risk model's
+prefix cache answered. The last output line is one JSON object.
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ def time_manager(artifact: Artifact, columns: dict, n_events: int) -> dict:
     stay = manager.actions[0]
     cat, op, target, cls, phase, t_ns = (columns[c] for c in ("category", "op", "target", "target_class", "phase", "t_ns"))
     order = [(i, j == 0) for rows in trace_episodes(columns) for j, i in enumerate(rows)]
-    times, actions = [], 0
+    n_events = n_events or len(order) - WARM_UP
+    times, actions, quiet = [], 0, []
     risk = artifact.risk
     for k in range(WARM_UP + n_events):
         if k == WARM_UP:
@@ -86,10 +91,17 @@ def time_manager(artifact: Artifact, columns: dict, n_events: int) -> dict:
         elapsed = time.perf_counter_ns() - t0
         if k >= WARM_UP:
             times.append(elapsed)
+            quiet.append(said["risk"] is None)
             actions += said["action"] != stay
     p50, p99 = percentiles_us(times)
+    quiet = np.array(quiet)
+    scored_p50, scored_p99 = percentiles_us(np.array(times)[~quiet].tolist() or [0])
+    quiet_p50, _ = percentiles_us(np.array(times)[quiet].tolist() or [0])
     hits, misses = risk.hits - hits, risk.misses - misses
-    return {"manager_step_p50_us": p50, "manager_step_p99_us": p99, "manager_events": n_events,
+    return {"manager_step_p50_us": p50, "manager_step_p99_us": p99, "manager_step_mean_us": round(np.mean(times) / 1e3, 1),
+            "manager_events": n_events, "manager_quiet_share": round(float(quiet.mean()), 3),
+            "manager_scored_step_p50_us": scored_p50, "manager_scored_step_p99_us": scored_p99,
+            "manager_quiet_step_p50_us": quiet_p50,
             "manager_actions": actions, "manager_prefix_cache_hit_rate": round(hits / max(hits + misses, 1), 3)}
 
 
@@ -100,6 +112,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=5, help="timed batch forwards")
+    ap.add_argument("--manager-events", type=int, default=0,
+                    help="events of the manager timing (default 0: every event of the traces, once)")
     ap.add_argument("--artifact", metavar="DIR", default=None,
                     help="also time the runtime manager's whole per-event step with this exported artifact")
     args = ap.parse_args()
@@ -159,6 +173,17 @@ def main() -> int:
         runtime.step(np_state, row)
         np_times.append(time.perf_counter_ns() - t0)
     np_p50, np_p99 = percentiles_us(np_times)
+    # numpy, events read in batches (the fast path: quiet events wait for the next scored one)
+    batched = {}
+    for size in (8, 64):
+        np_state, per_event = runtime.new_state(), []
+        for i in range(0, args.events, size):
+            rows = np.stack([events[j % len(events)] for j in range(i, i + size)])
+            embedded = np.stack([runtime.embed(r) for r in rows])
+            t0 = time.perf_counter_ns()
+            runtime.run(np_state, rows, embedded)
+            per_event.append((time.perf_counter_ns() - t0) / size)
+        batched[size] = round(float(np.median(per_event)) / 1e3, 1)
 
     n = args.batch * args.seq_len
     reps = -(-n // len(events))
@@ -177,21 +202,26 @@ def main() -> int:
         "incremental_p50_us": jax_p50, "incremental_p99_us": jax_p99, "incremental_events": args.events,
         "numpy_step_p50_us": np_p50, "numpy_step_p99_us": np_p99,
         "jax_over_numpy_p50": round(jax_p50 / np_p50, 2), "numpy_vs_jax_max_logit_diff": float(f"{logit_diff:.2g}"),
+        "numpy_batch8_per_event_us": batched[8], "numpy_batch64_per_event_us": batched[64],
         "batch_events_per_s": round(throughput), "batch": args.batch, "seq_len": args.seq_len,
     }
     if artifact is not None:
         result.update(artifact=str(artifact.root), artifact_model=artifact.manifest["risk"]["model"],
-                      **time_manager(artifact, columns, args.events))
+                      **time_manager(artifact, columns, args.manager_events))
     print(f"{args.model} model ({params:,} parameters, context {cfg.context}) on {result['devices']}:")
     print(f"  incremental step, batch 1, JAX:   p50 {jax_p50} us, p99 {jax_p99} us")
     print(f"  incremental step, batch 1, numpy: p50 {np_p50} us, p99 {np_p99} us "
           f"(JAX p50 / numpy p50 {result['jax_over_numpy_p50']}; risk logits agree to {logit_diff:.1e})")
+    print(f"  numpy, events read in batches (the fast path's deferred quiet events): {batched[8]} us per event "
+          f"in batches of 8, {batched[64]} us in batches of 64 (median)")
     print(f"  full-sequence forward, {args.batch} x {args.seq_len}: {result['batch_events_per_s']:,} events/s")
     if artifact is not None:
         print(f"  runtime manager step (artifact {artifact.root.name}: risk, observation, policy, action, "
-              f"decision): p50 {result['manager_step_p50_us']} us, p99 {result['manager_step_p99_us']} us "
-              f"({result['manager_actions']} actions in {args.events} events; the risk model's prefix cache "
-              f"answered {result['manager_prefix_cache_hit_rate']:.0%} of them)")
+              f"decision): p50 {result['manager_step_p50_us']} us, p99 {result['manager_step_p99_us']} us, mean "
+              f"{result['manager_step_mean_us']} us ({result['manager_actions']} actions in {result['manager_events']} events; "
+              f"{result['manager_quiet_share']:.0%} quiet, p50 {result['manager_quiet_step_p50_us']} us; scored "
+              f"p50 {result['manager_scored_step_p50_us']} us, p99 {result['manager_scored_step_p99_us']} us; the "
+              f"prefix cache answered {result['manager_prefix_cache_hit_rate']:.0%} of the events the model read)")
     print(json.dumps(result))
     return 0
 

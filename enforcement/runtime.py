@@ -27,6 +27,7 @@ nine in ten events of real suites are quiet.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -40,10 +41,11 @@ from sandhop.agents.features import N_FIXED, PAD, FeatureError, FeatureSpec, dt_
 from sandhop.agents.network import Inputs, actor, normalize
 from sandhop.enforcement.engine import TIERS, PolicyEngine, SandboxConfig
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, PHASES, TARGET_CLASSES
-from sandhop.envs.spec import (PROGRESS_EVENTS, EnvSpec, action_mask, apply_action, decision_row, is_quiet,
-                               progress_of, push_recent, quiet_row)
+from sandhop.envs.spec import (PROGRESS_EVENTS, EnvSpec, action_mask, apply_action, is_quiet, progress_of,
+                               push_recent, quiet_event)
 
 FORMAT_VERSION = 1
+ROTARY_TABLE = 1 << 15   # positions whose rotary angles are kept in a table (a few MB at most)
 MANIFEST = "manifest.json"
 RISK_FILE, POLICY_FILE = "risk.safetensors", "policy.safetensors"
 EVENT_MODEL = {"categories": CATEGORIES, "target_classes": TARGET_CLASSES, "phases": PHASES,
@@ -95,9 +97,10 @@ def _normalize(x: np.ndarray, inv_n: float) -> np.ndarray:
     return d * np.float32(1.0 / math.sqrt(float(d @ d) * inv_n + 1e-6))
 
 
-def _normalize_rows(x: np.ndarray) -> np.ndarray:
-    d = x - x.mean(axis=1, keepdims=True)
-    return d * (np.float32(1.0) / np.sqrt((d * d).mean(axis=1, keepdims=True) + np.float32(1e-6)))
+def _normalize_rows(x: np.ndarray, inv_n: float) -> np.ndarray:
+    """`_normalize` of each row."""
+    d = x - x.sum(axis=1, keepdims=True) * np.float32(inv_n)
+    return d * (np.float32(1.0) / np.sqrt((d * d).sum(axis=1, keepdims=True) * np.float32(inv_n) + np.float32(1e-6)))
 
 
 def _fold(scale: np.ndarray, bias: np.ndarray, kernel: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,13 +173,14 @@ class RiskRuntime:
                                     f"({rows}, {self.width}); the artifact is inconsistent, re-export it")
         edges = np.cumsum([0] + sizes)
         self.cuts = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-        self.lm_starts = edges[:3].astype(np.intp)
+        self.lm_starts, self.lm_sizes = edges[:3].astype(np.intp), np.asarray(sizes[:3], np.intp)
         # Rotary encoding as x * cos + swap(x) * sin, where swap exchanges each pair and negates
         # its first element. Angles in float64: at position 10^4 a float32 angle is off by
         # 10^-3 rad, while training (windows of a few hundred positions) never saw such error.
         self.freqs = 1.0 / (10000 ** (np.arange(0, self.head_dim, 2, dtype=np.float32) / self.head_dim)).astype(np.float64)
         self.swap = np.arange(self.head_dim).reshape(-1, 2)[:, ::-1].reshape(-1)
         self.sign = np.tile(np.array([-1.0, 1.0], np.float32), self.head_dim // 2)
+        self._cos = self._sin = np.zeros((0, self.head_dim), np.float32)
         self.inv_n = 1.0 / self.width
         # Prefix cache: tests of a suite often begin with the same events (fixtures, imports).
         # The model's state after a prefix depends on the encoded events alone, so a trie of
@@ -192,8 +196,25 @@ class RiskRuntime:
         self._tags = np.zeros((n, sizes[4]), np.float32)
         self._scalars = np.zeros((n, 3), np.float64)   # risk, logit, surprise
         self.hits = self.misses = 0
+        self._threads = None
         self.c1 = np.float32(math.sqrt(2 / math.pi))
         self.c2 = np.float32(math.sqrt(2 / math.pi) * 0.044715)
+
+    def _rotary(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin (the pair sign folded in) [n, head size] of positions start .. start+n-1,
+        from tables grown by doubling up to ROTARY_TABLE positions (computed beyond)."""
+        end = start + n
+        if end > len(self._cos) and end <= ROTARY_TABLE:
+            size = min(max(end, 2 * len(self._cos), 256), ROTARY_TABLE)
+            self._cos, self._sin = self._angles(np.arange(size))
+        if end <= len(self._cos):
+            return self._cos[start:end], self._sin[start:end]
+        return self._angles(np.arange(start, end))
+
+    def _angles(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        angles = positions.astype(np.float64)[:, None] * self.freqs[None, :]
+        return (np.repeat(np.cos(angles), 2, axis=1).astype(np.float32),
+                np.repeat(np.sin(angles), 2, axis=1).astype(np.float32) * self.sign)
 
     def new_state(self) -> RiskState:
         return RiskState(np.zeros((self.layers, self.n_heads, self.head_dim, self.context), np.float32),
@@ -245,11 +266,15 @@ class RiskRuntime:
                 risk, logit, surprise = self._scalars[hit]
                 return float(risk), self._tags[hit], float(logit), float(surprise)
         self.misses += 1
+        # (one event's vector-matrix products are too small for OpenBLAS to thread)
+        return self._network_step(state, row, embedded, p, slot, node, key if node >= 0 else None)
+
+    def _network_step(self, state: RiskState, row: np.ndarray, embedded: np.ndarray | None, p: int, slot: int,
+                      node: int, key: bytes | None) -> tuple[float, np.ndarray, float, float]:
         x = (self.embed(row) if embedded is None else embedded) + self.tables[4][row[4]]
         filled = min(p + 1, self.context)
-        angles = p * self.freqs
-        cos = np.repeat(np.cos(angles), 2).astype(np.float32)
-        sin = np.repeat(np.sin(angles), 2).astype(np.float32) * self.sign
+        cos, sin = self._rotary(p, 1)
+        cos, sin = cos[0], sin[0]
         heads, hd, w, inv_n = self.n_heads, self.head_dim, self.width, self.inv_n
         keys_all, values_all = state.keys, state.values
         ks, vs = [], []
@@ -272,7 +297,7 @@ class RiskRuntime:
         lm = out[:self.cuts[2].stop]
         surprise = 0.0
         if state.prediction is not None:
-            surprise = self._surprise(state.prediction, row)
+            surprise = float(self._surprises(state.prediction[None], row[None])[0])
         state.prediction = lm
         state.position = p + 1
         logit = float(out[self.cuts[3]][0])
@@ -311,19 +336,32 @@ class RiskRuntime:
         if j == n:
             risk, logit, surprise = self._scalars[state.node]
             return float(risk), self._tags[state.node], float(logit), float(surprise)
-        while j < n:
-            m = min(self.context, n - j)
-            last = self._block(state, rows[j:j + m], embedded[j:j + m])
-            j += m
+        with self._one_blas_thread():
+            while j < n:
+                m = min(self.context, n - j)
+                last = self._block(state, rows[j:j + m], embedded[j:j + m])
+                j += m
         return last
+
+    def _one_blas_thread(self):
+        """The network's matrix products on one BLAS thread. OpenBLAS splits even a block's
+        small products over threads, which on a busy test machine wait for each other: ten
+        times slower here (measured, 2 cores). Scoped, so the suite's own numpy keeps its
+        threads."""
+        if self._threads is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+                self._threads = ThreadpoolController()
+            except ImportError:   # a base dependency; without it the products just run threaded
+                self._threads = False
+        return self._threads.limit(limits=1, user_api="blas") if self._threads else contextlib.nullcontext()
 
     def _block(self, state: RiskState, rows: np.ndarray, embedded: np.ndarray) -> tuple[float, np.ndarray, float, float]:
         m, p0, c = len(rows), state.position, self.context
         self.misses += m
         x = embedded + self.tables[4][rows[:, 4]]
-        angles = (p0 + np.arange(m))[:, None] * self.freqs[None, :]
-        cos = np.repeat(np.cos(angles), 2, axis=1).astype(np.float32)[:, None, :]
-        sin = (np.repeat(np.sin(angles), 2, axis=1).astype(np.float32) * self.sign)[:, None, :]
+        cos, sin = self._rotary(p0, m)
+        cos, sin = cos[:, None, :], sin[:, None, :]
         heads, hd, w = self.n_heads, self.head_dim, self.width
         # keys before the block in position order (ring slots of positions p0-C .. p0-1), then
         # the block's own; query i sees the last C positions up to its own
@@ -334,7 +372,7 @@ class RiskRuntime:
         slots = (p0 + np.arange(m)) % c
         ks, vs = [], []
         for layer, (qkv_w, qkv_b, out_w, out_b, up_w, up_b, down_w, down_b) in enumerate(self.blocks):
-            qkv = _normalize_rows(x) @ qkv_w + qkv_b
+            qkv = _normalize_rows(x, self.inv_n) @ qkv_w + qkv_b
             qk = qkv[:, :2 * w].reshape(m, 2 * heads, hd)
             qk = qk * cos + qk[:, :, self.swap] * sin
             k_new, v_new = qk[:, heads:], qkv[:, 2 * w:].reshape(m, heads, hd)
@@ -350,19 +388,15 @@ class RiskRuntime:
             ks.append(k_new)
             vs.append(v_new)
             x = x + (attended.transpose(1, 0, 2).reshape(m, w) @ out_w + out_b)
-            u = _normalize_rows(x) @ up_w + up_b
+            u = _normalize_rows(x, self.inv_n) @ up_w + up_b
             x = x + ((u * (np.float32(1) + np.tanh(u * (self.c1 + self.c2 * u * u)))) @ down_w + down_b)
-        out = _normalize_rows(x) @ self.head_w + self.head_b
+        out = _normalize_rows(x, self.inv_n) @ self.head_w + self.head_b
         lm = out[:, :self.cuts[2].stop]
         logits = out[:, self.cuts[3].start].astype(np.float64)
         tags = (1.0 / (1.0 + np.exp(-out[:, self.cuts[4]]))).astype(np.float32)
         # surprise of each event under the prediction made at the event before it
         before = np.concatenate([lm[:1] if state.prediction is None else state.prediction[None], lm[:-1]])
-        surprise = np.zeros(m, np.float64)
-        for k, cut in enumerate(self.cuts[:3]):
-            seg = before[:, cut].astype(np.float64)
-            top = seg.max(axis=1)
-            surprise += top + np.log(np.exp(seg - top[:, None]).sum(axis=1)) - seg[np.arange(m), rows[:, k]]
+        surprise = self._surprises(before, rows)
         if state.prediction is None:
             surprise[0] = 0.0
         a, bb, cc = self.calibrator
@@ -380,23 +414,26 @@ class RiskRuntime:
             self._scalars[self.cached] = risk[t], logits[t], surprise[t]
         return float(risk[-1]), tags[-1], float(logits[-1]), float(surprise[-1])
 
-    def _surprise(self, lm: np.ndarray, row: np.ndarray) -> float:
-        """-log p(category) - log p(op) - log p(class) of this event under the LM logits made
-        at the event before it."""
-        total = 0.0
-        for i, cut in enumerate(self.cuts[:3]):
-            seg = lm[cut]
-            m = float(seg.max())
-            total += m + math.log(float(np.exp(seg - m).sum())) - float(seg[row[i]])
-        return total
+    def _surprises(self, before: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """float64 [m]: -log p(category) - log p(op) - log p(class) of each event [m, width]
+        under the LM logits [m, ...] made at the event before it."""
+        x = before.astype(np.float64)
+        top = np.maximum.reduceat(x, self.lm_starts, axis=1)
+        total = np.add.reduceat(np.exp(x - np.repeat(top, self.lm_sizes, axis=1)), self.lm_starts, axis=1)
+        picked = np.take_along_axis(x, self.lm_starts + rows[:, :3], axis=1)
+        return (top + np.log(total) - picked).sum(axis=1)
+
+    def dt_bucket(self, state: RiskState, t_ns: int) -> int:
+        """The time-delta bucket of the test's next event, at `t_ns` (0 for a test's first event
+        gets bucket 1, as `FeatureSpec.encode` gives it)."""
+        dt = 0 if state.last_t_ns is None else t_ns - state.last_t_ns
+        state.last_t_ns = t_ns
+        return dt_bucket_one(dt, self.spec.dt_buckets)
 
     def encode(self, state: RiskState, features: np.ndarray, t_ns: int) -> np.ndarray:
-        """The event's features with its time-delta bucket (0 for a test's first event gets
-        bucket 1, as `FeatureSpec.encode` gives it)."""
+        """The event's features with its time-delta bucket."""
         row = features.copy()
-        dt = 0 if state.last_t_ns is None else t_ns - state.last_t_ns
-        row[4] = dt_bucket_one(dt, self.spec.dt_buckets)
-        state.last_t_ns = t_ns
+        row[4] = self.dt_bucket(state, t_ns)
         return row
 
 
@@ -560,6 +597,10 @@ class _Episode:
     actions: int = 0
     max_risk: float = 0.0
     steps: list = field(default_factory=list)
+    # quiet events not yet encoded: (category, op, target, class, phase) and the time-delta
+    # bucket, in parallel lists of strings and ints (no per-event object the gc tracks); most
+    # tests end before another scored event needs them, and then they are never encoded
+    waiting: tuple[list, ...] = field(default_factory=lambda: ([], [], [], [], [], []))
 
 
 class Manager:
@@ -612,9 +653,8 @@ class Manager:
         if known is None:
             if len(self._quiet) > 65536:
                 self._quiet.clear()
-            known = self._quiet[key] = bool(quiet_row(decision_row(self.engine, category, target, cls, slot >= 0,
-                                                                   self._configs)))
-        return known and bool(is_quiet(np, True, self.episode.permissions[slot] if slot >= 0 else 0))
+            known = self._quiet[key] = quiet_event(self.engine, category, target, cls, self._configs)
+        return known and bool(is_quiet(True, self.episode.permissions[slot] if slot >= 0 else 0))
 
     def observe(self, category: str, cls: str, risk: float, tags: np.ndarray, quiet: bool = False) -> dict:
         ep = self.episode
@@ -631,19 +671,30 @@ class Manager:
         risk (None on the fast path), action and tier."""
         ep = self.episode
         risk_model = self.artifact.risk
-        features, embedded = self.features(category, op, target, cls, phase)
-        row = risk_model.encode(ep.risk, features, t_ns)
+        bucket = risk_model.dt_bucket(ep.risk, t_ns)
         if self.quiet(category, target, cls):
             if self.keep_steps:
                 nan = np.full(len(INFERRED_TAGS), np.nan, np.float32)
                 ep.steps.append({"risk": None, "action": "stay", "tier": ep.config.tier, "quiet": True,
                                  "obs": self.observe(category, cls, np.nan, nan, quiet=True)})
-            risk_model.defer(ep.risk, row, embedded)
+            for column, value in zip(ep.waiting, (category, op, target, cls, phase, bucket)):
+                column.append(value)
             ep.events += 1
             ep.quiet += 1
             self.events += 1
             self.quiet_events += 1
             return ep.config, {"risk": None, "action": "stay", "tier": ep.config.tier}
+        if ep.waiting[0]:
+            for waiting in zip(*ep.waiting):
+                early, early_embedded = self.features(*waiting[:5])
+                early = early.copy()
+                early[4] = waiting[5]
+                risk_model.defer(ep.risk, early, early_embedded)
+            for column in ep.waiting:
+                column.clear()
+        features, embedded = self.features(category, op, target, cls, phase)
+        row = features.copy()
+        row[4] = bucket
         risk, tags, logit, surprise = risk_model.step(ep.risk, row, embedded)
         # The action is a function of the observation alone; this key determines it exactly
         # (the recent-decision bits and the capped event count are finer than what it shows).
@@ -673,6 +724,8 @@ class Manager:
 
     def decided(self, effect: str) -> None:
         ep = self.episode
+        if effect == "allow" and not ep.denied and not ep.redirected:
+            return   # an empty window stays empty (most events)
         window = self.spec.recent_window
         ep.denied = push_recent(np, ep.denied, np.bool_(effect == "deny"), window)
         ep.redirected = push_recent(np, ep.redirected, np.bool_(effect == "redirect"), window)

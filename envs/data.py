@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from sandhop.enforcement.engine import TIERS, PolicyEngine
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, TARGET_CLASSES
-from sandhop.envs.spec import PERMISSIONS, EnvError, EnvSpec, decision_row, progress_of
+from sandhop.envs.spec import PERMISSIONS, EnvError, EnvSpec, decision_row, progress_of, quiet_row
 
 SPLITS = ("train", "val", "test", "novel")
 
@@ -87,6 +87,14 @@ class Episodes:
     @property
     def n_events(self) -> int:
         return len(self.category)
+
+    def target_categories(self) -> np.ndarray:
+        """The category of each distinct event (`targets`), as an array of names."""
+        return np.array([t[0] for t in self.targets], dtype=object)
+
+    def quiet(self, decisions: np.ndarray) -> np.ndarray:
+        """bool [N]: which events are quiet (`spec.quiet_row`), from `decision_table`."""
+        return quiet_row(decisions, self.target_categories())[self.event]
 
     def span(self, episode: int) -> slice:
         s = int(self.start[episode])

@@ -30,7 +30,7 @@ from sandhop.enforcement.engine import PolicyEngine
 from sandhop.enforcement.events import CATEGORIES, TARGET_CLASSES
 from sandhop.envs import data as envdata
 from sandhop.envs.spec import (N_TIERS, PERMISSIONS, EnvSpec, action_mask, flat_observation, is_quiet, outcome_of,
-                               push_recent, quiet_row, step_reward)
+                               push_recent, step_reward)
 
 
 @struct.dataclass
@@ -79,7 +79,7 @@ def make_params(episodes: envdata.Episodes, decisions: np.ndarray, spec: EnvSpec
     meta = (episodes.category.astype(np.int64) | episodes.target_class.astype(np.int64) << _CLASS_SHIFT
             | episodes.malicious.astype(np.int64) << _MALICIOUS_SHIFT | (slots[episodes.category] + 1) << _SLOT_SHIFT
             | episodes.damaging.astype(np.int64) << _DAMAGING_SHIFT
-            | quiet_row(decisions).astype(np.int64)[episodes.event] << _QUIET_SHIFT)
+            | episodes.quiet(decisions).astype(np.int64) << _QUIET_SHIFT)
     floats = np.concatenate([episodes.risk[:, None], episodes.tags, episodes.progress[:, None]], axis=1)
     flat = decisions.reshape(len(decisions), -1).astype(np.int64)
     packed = (flat << (2 * np.arange(flat.shape[1]))).sum(axis=1)[episodes.event]
@@ -170,7 +170,7 @@ class JaxSandboxEnv:
         """The valid actions at the event with this meta word (only stay at a quiet one)."""
         slot = ((meta >> _SLOT_SHIFT) & 63).astype(jnp.int32) - 1
         permission = jnp.where(slot >= 0, state.permissions[jnp.maximum(slot, 0)], 0)
-        quiet = is_quiet(jnp, ((meta >> _QUIET_SHIFT) & 1).astype(bool), permission)
+        quiet = is_quiet(((meta >> _QUIET_SHIFT) & 1).astype(bool), permission)
         return action_mask(jnp, state.level, state.permissions, self.spec.n_categories, quiet)
 
     def step_env(self, state: EnvState, action: jax.Array, params: EnvParams):

@@ -27,7 +27,7 @@ from sandhop.enforcement.engine import PolicyEngine
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, TARGET_CLASSES
 from sandhop.envs import data as envdata
 from sandhop.envs.spec import (EFFECTS, N_TIERS, OUTCOMES, PERMISSIONS, EnvSpec, action_mask, apply_action,
-                               decision_row, is_quiet, outcome_of, push_recent, quiet_row, step_reward)
+                               is_quiet, outcome_of, push_recent, quiet_event, step_reward)
 
 
 def observation_space(spec: EnvSpec) -> spaces.Dict:
@@ -165,10 +165,9 @@ class SandboxManagerEnv(gym.Env):
         u = int(e.event[i])
         if self._quiet[u] < 0:
             category, target, cls = e.targets[u]
-            slotted = self._slot[CATEGORIES.index(category)] >= 0
-            self._quiet[u] = quiet_row(decision_row(self.engine, category, target, cls, slotted, self._configs))
+            self._quiet[u] = quiet_event(self.engine, category, target, cls, self._configs)
         slot = self._slot[int(e.category[i])]
-        quiet = is_quiet(np, bool(self._quiet[u]), self._permissions[slot] if slot >= 0 else 0)
+        quiet = is_quiet(bool(self._quiet[u]), self._permissions[slot] if slot >= 0 else 0)
         return action_mask(np, self.config.level, self._permissions, self.env_spec.n_categories, quiet).astype(np.int8)
 
     def _observation(self) -> dict:

@@ -21,7 +21,8 @@ that ignore the mask cannot crash an episode.
 Quiet events: an event that every tier allows, with or without a grant of its category (reading
 the stdlib, site-packages or a temporary file, an import, setting an environment variable; about
 nine in ten events of real suites), keeps its decision whatever the manager does, unless its whole
-category is revoked. At a quiet event of a category that is not revoked the mask allows only
+category is revoked (a process spawn is never quiet: the child runs under the config current at
+its start). At a quiet event of a category that is not revoked the mask allows only
 `stay`: the manager acts before the next event whose decision it can change, with the risk
 model's reading of everything before it. The live runtime therefore skips the policy at quiet
 events and runs the risk model over them in one batch when the next event needs a score (the
@@ -221,16 +222,36 @@ def action_mask(xp, level, permissions, n_categories: int, quiet=False):
     return xp.concatenate([stay, hops, grants, revokes])
 
 
-def quiet_row(effects: np.ndarray) -> np.ndarray:
+# A spawn hands the config current at that moment to the child (the child's guard enforces it
+# and has no model), so acting before one matters even when every tier allows the spawn itself.
+NEVER_QUIET: frozenset[str] = frozenset({"proc.spawn"})
+
+
+def quiet_row(effects: np.ndarray, category) -> np.ndarray:
     """Whether events are quiet, from their decision-table rows [..., tiers, permissions] (effect
-    indices): allowed under every tier, by default and with the category granted."""
-    return (effects[..., :REVOKED] == 0).all(axis=(-2, -1))
+    indices) and categories (a name, or an array of names): allowed under every tier, by default
+    and with the category granted, and not a spawn (`NEVER_QUIET`)."""
+    return (effects[..., :REVOKED] == 0).all(axis=(-2, -1)) & ~np.isin(category, list(NEVER_QUIET))
 
 
-def is_quiet(xp, quiet_event, permission):
+def is_quiet(quiet, permission):
     """A quiet event is quiet now unless its category is revoked (then it is denied, and the
-    manager may grant it back)."""
-    return xp.asarray(quiet_event, bool) & (permission != REVOKED)
+    manager may grant it back). Bools or arrays (numpy or jax) alike."""
+    return quiet & (permission != REVOKED)
+
+
+def _reachable(engine: PolicyEngine, category: str, slotted: bool, configs: dict, levels=range(N_TIERS),
+               permissions=range(len(PERMISSIONS))):
+    """(level, permission, config) for each config an event of `category` can be decided under
+    (a category without grant/revoke actions: the tier's alone); configs cached in `configs`."""
+    for level in levels:
+        for p in (permissions if slotted else (0,)):
+            cfg = configs.get((level, category, p))
+            if cfg is None:
+                cfg = configs[(level, category, p)] = engine.config(
+                    TIERS[level], grants=(category,) if p == GRANTED else (),
+                    revocations=(category,) if p == REVOKED else ())
+            yield level, p, cfg
 
 
 def decision_row(engine: PolicyEngine, category: str, target: str, cls: str, slotted: bool,
@@ -238,19 +259,26 @@ def decision_row(engine: PolicyEngine, category: str, target: str, cls: str, slo
     """int8 [tiers, permissions]: the engine's effect on one event under every config a test can
     reach (a category without grant/revoke actions has only the tier's). `configs` caches the
     configs between calls."""
-    configs = {} if configs is None else configs
     row = np.zeros((N_TIERS, len(PERMISSIONS)), np.int8)
-    for level in range(N_TIERS):
-        for p in (range(len(PERMISSIONS)) if slotted else (0,)):
-            cfg = configs.get((level, category, p))
-            if cfg is None:
-                cfg = configs[(level, category, p)] = engine.config(
-                    TIERS[level], grants=(category,) if p == GRANTED else (),
-                    revocations=(category,) if p == REVOKED else ())
-            row[level, p] = EFFECTS.index(engine.decide_target(category, target, cls, cfg).effect)
+    for level, p, cfg in _reachable(engine, category, slotted, {} if configs is None else configs):
+        row[level, p] = EFFECTS.index(engine.decide_target(category, target, cls, cfg).effect)
         if not slotted:
             row[level, 1:] = row[level, 0]
     return row
+
+
+def quiet_event(engine: PolicyEngine, category: str, target: str, cls: str, configs: dict | None = None) -> bool:
+    """`quiet_row` of the event's `decision_row`, asked of the engine directly (the live runtime
+    asks this once per new event): allowed by every tier, from the strictest down, stopping at
+    the first that does not allow it. A grant is an allow rule the engine orders after every
+    deny and redirect rule, so an event a tier allows stays allowed with its category granted
+    (the Gymnasium env, which asks this, and the JAX twin, which reads `quiet_row` of the full
+    table, are checked against each other step by step)."""
+    if category in NEVER_QUIET:
+        return False
+    return all(engine.decide_target(category, target, cls, cfg).effect == "allow"
+               for _, _, cfg in _reachable(engine, category, False, {} if configs is None else configs,
+                                           levels=range(N_TIERS - 1, -1, -1)))
 
 
 def outcome_of(malicious, effect):

@@ -158,16 +158,17 @@ def test_quiet_events_allow_only_stay_and_every_tier_allows_them(test_split):
                     for grants in ((), (category,)):
                         config = engine.config(tier, grants=grants)
                         assert engine.decide_target(category, target, cls, config).effect == "allow"
+            if info["category"] == "proc.spawn":   # the child inherits the config: never quiet
+                assert not info["quiet"]
     assert seen[True] > 5 * seen[False] > 0   # most events are quiet
     # a quiet fs.read after fs.read was revoked: the manager may act there (grant it back)
-    from sandhop.envs.spec import quiet_row
-    quiet = quiet_row(envdata.decision_table(test_split, env.env_spec))
+    quiet = test_split.quiet(envdata.decision_table(test_split, env.env_spec))
     is_read = np.array([t[0] == "fs.read" for t in test_split.targets])
 
     def fits(e):   # an event the manager acts at, then an fs.read
-        events = test_split.event[test_split.span(e)]
-        loud = np.flatnonzero(~quiet[events])
-        return len(loud) > 0 and is_read[events[loud[0] + 1:]].any()
+        span = test_split.span(e)
+        loud = np.flatnonzero(~quiet[span])
+        return len(loud) > 0 and is_read[test_split.event[span][loud[0] + 1:]].any()
     e = next(e for e in range(len(test_split)) if fits(e))
     obs, _ = env.reset(options={"episode": e})
     revoke = names.index("revoke:fs.read")
@@ -323,21 +324,13 @@ def test_rule_based_risk_is_documented_and_scores_secrets_above_imports(test_spl
     assert test_split.risk[test_split.malicious].mean() > 3 * test_split.risk[~test_split.malicious].mean()
 
 
-def test_risk_from_a_trained_checkpoint(tmp_path):
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+def test_risk_from_a_trained_checkpoint(trained):
+    """The session's tiny risk model run (tests/conftest.py) as the env's risk inputs."""
     from sandhop.agents.features import encode_episodes
     from sandhop.agents.risk_model import Calibrator
-    from sandhop.agents.train_risk import load_run, run, score_episodes
+    from sandhop.agents.train_risk import load_run, score_episodes
     from sandhop.datasets import splits
-    GlobalHydra.instance().clear()
-    out = tmp_path / "risk"
-    with initialize_config_module("sandhop.configs", version_base="1.3"):
-        cfg = compose("train_risk", overrides=[
-            "model=tiny", "dataset=small", "dataset.max_units_per_suite=12", "train.seq_len=32",
-            "train.batch_size=8", "train.epochs=1", "progress=false", f"out={out}",
-            "dataset.splits.val=[packaging]", "dataset.splits.test=[requests]"])
-    run(cfg)
+    out = trained.risk
     env = SandboxManagerEnv(split="val", dataset="small", risk={"source": "model", "checkpoint": str(out)})
     assert env.episodes.risk_source.startswith("model:")
     # the env's inputs are the checkpoint's calibrated risk and tag head, event by event
