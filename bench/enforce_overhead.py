@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
@@ -29,8 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from sandhop.datasets.record import suite_env
+from sandhop.demo import count_outcomes, junit_outcomes
 
 
 def bundled_click(work: Path) -> tuple[Path, list[str], str]:
@@ -40,23 +41,6 @@ def bundled_click(work: Path) -> tuple[Path, list[str], str]:
     archive = bundled_sdists()["click"]
     recipe = recipe_for(archive.name[: -len(".tar.gz")].replace("-", "==", 1))
     return unpack_sdist(archive, work / "src"), list(pytest_argv(recipe)), recipe.spec
-
-
-def outcomes(junit: Path) -> dict[str, str]:
-    """Each test case's outcome (passed, failed, error or skipped), by its junit id."""
-    out = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        kinds = {child.tag for child in case}
-        key = "failed" if "failure" in kinds else "error" if "error" in kinds else "skipped" if "skipped" in kinds else "passed"
-        out[f"{case.get('classname')}::{case.get('name')}"] = key
-    return out
-
-
-def counts(results: dict[str, str]) -> dict[str, int]:
-    totals = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
-    for key in results.values():
-        totals[key] += 1
-    return totals
 
 
 # The plugin's terminal summary line, e.g. "sandhop: artifact /tmp/a (base tier observe; 2892 events
@@ -115,7 +99,7 @@ def main() -> None:
     else:
         src, argv, name = bundled_click(work)
         argv += extra
-    env = {**os.environ, "PYTEST_ADDOPTS": ""}
+    env = suite_env()
     if (src / "src").is_dir():
         env["PYTHONPATH"] = str(src / "src")
     base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *argv]
@@ -136,15 +120,15 @@ def main() -> None:
         plain.append(timed([], work / "plain.xml")[0])
         seconds, stdout = timed(enforce, work / "enforced.xml")
         enforced.append(seconds)
-        plain_results, enforced_results = outcomes(work / "plain.xml"), outcomes(work / "enforced.xml")
+        plain_results, enforced_results = junit_outcomes(work / "plain.xml"), junit_outcomes(work / "enforced.xml")
         for test in sorted(plain_results.keys() | enforced_results.keys()):
             if plain_results.get(test) != enforced_results.get(test):
                 differing[test] = (plain_results.get(test), enforced_results.get(test))
         print(f"round {i + 1}/{args.rounds}: plain {plain[-1]:.2f}s  {label} {enforced[-1]:.2f}s  "
-              f"outcomes plain {counts(plain_results)} enforced {counts(enforced_results)}", flush=True)
+              f"outcomes plain {count_outcomes(plain_results)} enforced {count_outcomes(enforced_results)}", flush=True)
     summary = enforcement_summary(stdout, artifact is not None)
     shutil.rmtree(work, ignore_errors=True)
-    plain_outcomes, enforced_outcomes = counts(plain_results), counts(enforced_results)
+    plain_outcomes, enforced_outcomes = count_outcomes(plain_results), count_outcomes(enforced_results)
     equal = plain_outcomes == enforced_outcomes and not differing
     if not equal:
         print(f"OUTCOMES DIFFER between plain and enforced ({label}) runs: {len(differing)} test(s) "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -19,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sandhop.datasets.record import recipe_for, unpack_sdist
+from sandhop.datasets.record import recipe_for, suite_env, unpack_sdist
 from sandhop.datasets.suites import pytest_argv
 from sandhop.demo import bundled_sdists
 
@@ -34,7 +33,7 @@ def main() -> None:
     recipe = recipe_for(archive.name[: -len(".tar.gz")].replace("-", "==", 1))
     work = Path(tempfile.mkdtemp(prefix="sandhop-bench-"))
     src = unpack_sdist(archive, work / "src")
-    env = {**os.environ, "PYTHONPATH": str(src / "src"), "PYTEST_ADDOPTS": ""}
+    env = suite_env({"PYTHONPATH": str(src / "src")})
     base = [sys.executable, "-m", "pytest", *pytest_argv(recipe)]
 
     def timed(extra: list[str]) -> float:

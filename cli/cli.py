@@ -24,7 +24,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sandhop.demo import run_demo
-    return run_demo(Path(args.out), suite=args.suite, force=args.force)
+    return run_demo(Path(args.out), suite=args.suite, force=args.force, probes=not args.no_probes)
 
 
 def _cmd_trace_convert(args: argparse.Namespace) -> int:
@@ -175,10 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sandhop {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="the main job on the bundled data: record a real suite and summarise its trace")
+    p = sub.add_parser("demo", help="the main job on the bundled data: record a real suite, build the labelled "
+                       "splits, train the risk model and the PPO manager, evaluate them against the baselines, "
+                       "export the artifact, enforce it on the suite and the live attack probes, write report.md")
     p.add_argument("--out", default="sandhop-demo", help="output folder (default: ./sandhop-demo)")
-    p.add_argument("--suite", default="click", help="bundled suite to record (default: click)")
-    p.add_argument("--force", action="store_true", help="redo steps whose results already exist")
+    p.add_argument("--suite", default="click", help="bundled suite to record and enforce on (default: click)")
+    p.add_argument("--force", action="store_true", help="redo every step (default: reuse the ones whose results exist)")
+    p.add_argument("--no-probes", action="store_true",
+                   help="skip the live attack probes (they need root for their network namespace)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("record", help="download a real suite, run its tests under the recorder, add it to a dataset")

@@ -114,6 +114,16 @@ def make_venv(recipe: SuiteRecipe, src: Path, work: Path, log: Path) -> Path:
     return python
 
 
+def suite_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for running another project's pytest: without the options and
+    the worker identity of a pytest running us (PYTEST_ADDOPTS, an xdist worker's PYTEST_XDIST_*,
+    which make plugins such as pytest-benchmark believe they run under xdist), plus `extra`."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST") and not k.startswith("PYTEST_XDIST_")}
+    env.update(extra or {})
+    return env
+
+
 def pytest_command(recipe: SuiteRecipe, python: str | Path, out: Path, *, load_plugin: bool) -> list[str]:
     """`load_plugin`: the interpreter has no sandhop installed, so name the plugin explicitly.
 
@@ -133,9 +143,7 @@ def run_suite(recipe: SuiteRecipe, src: Path, python: str | Path, out: Path, log
     """
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.update(extra_env or {})
-    env.pop("PYTEST_ADDOPTS", None)
+    env = suite_env(extra_env)
     # A fresh temp root: ${tmp} paths come out the same on every recording, and pytest does not
     # spend the first test cleaning up basetemp folders other runs left behind.
     tmp = log.parent / "tmp"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import json
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sandhop.datasets import traces
-from sandhop.datasets.record import unpack_sdist
+from sandhop.datasets.record import suite_env, unpack_sdist
 from sandhop.demo import bundled_sdists
 
 
@@ -29,7 +30,7 @@ def click_src(tmp_path_factory) -> Path:
 
 
 def run_click(src: Path, junit: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(src / "src"), "PYTEST_ADDOPTS": ""}
+    env = suite_env({"PYTHONPATH": str(src / "src")})
     return subprocess.run([sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider",
                            f"--junitxml={junit}", *extra], cwd=src, env=env, capture_output=True, text=True)
 
@@ -50,20 +51,62 @@ def test_recording_does_not_change_results(click_src, tmp_path):
     assert not any(o in ("failed", "error") for o in tested.values())
 
 
-def test_demo_records_the_bundled_suite_and_reuses_it(tmp_path):
+def test_the_demo_runs_the_chain_writes_its_report_and_reuses_finished_steps(trained, tmp_path):
+    """The demo on markupsafe with its training steps reused from this session's tiny runs (the
+    training apps and the dataset build have their own tests): it records the suite, evaluates
+    the manager against the baselines, exports the artifact, runs the suite plain and under it,
+    prints the summary and writes report.md with its plots; a second run reuses every step."""
+    from sandhop.enforcement.runtime import Artifact
+    from sandhop.report import PNG_MAGIC
     out = tmp_path / "demo"
-    first = subprocess.run([sys.executable, "-m", "sandhop", "demo", "--suite", "markupsafe", "--out", str(out)],
-                           capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr
-    assert "category" in first.stdout and "code.import" in first.stdout
-    assert "markupsafe==3.0.4" in first.stdout
+    out.mkdir()
+    (out / "risk").symlink_to(trained.risk)
+    (out / "agent").symlink_to(trained.agent)
+    (out / "dataset.txt").write_text("built by an earlier run\n")
+    command = [sys.executable, "-m", "sandhop", "demo", "--suite", "markupsafe", "--out", str(out), "--no-probes"]
+    first = subprocess.run(command, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for step in ("[1/8] record: the real test suite of markupsafe==3.0.4", "[3/8] risk: reusing",
+                 "[4/8] agent: reusing", "[5/8] evaluate: the manager", "[6/8] export: the artifact",
+                 "[7/8] live: markupsafe==3.0.4 plain and under the artifact", "[8/8] report"):
+        assert step in first.stdout, step
     assert list((out / "traces").glob("suite=*/run-*.parquet"))
-    assert "| novel |" in first.stdout and (out / "dataset" / "splits.json").exists()
-    second = subprocess.run([sys.executable, "-m", "sandhop", "demo", "--suite", "markupsafe", "--out", str(out)],
-                            capture_output=True, text=True)
-    assert second.returncode == 0 and "reusing the recording" in second.stdout
-    assert "reusing the labelled splits" in second.stdout
+    Artifact.load(out / "artifact")
+    live = json.loads((out / "live" / "live.json").read_text())
+    suite = live["suite"]
+    assert suite["name"] == "markupsafe==3.0.4" and suite["outcomes_plain"]["passed"] > 30
+    assert suite["broken"] == sorted(suite["broken"]) and suite["overhead"] > 0
+    assert live["probes"] == {"skipped": "--no-probes"}
+    report = (out / "report.md").read_text()
+    assert "oracle" in report and "markupsafe==3.0.4" in report and "not run (--no-probes)" in report
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert {"roc.png", "learning_curves.png"} <= set(images) and any(i.startswith("pareto") for i in images)
+    assert all((out / i).read_bytes().startswith(PNG_MAGIC) for i in images)
+    assert "attacks through" in first.stdout and "report: " in first.stdout
+    second = subprocess.run(command, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert all(f"[{n}/8] {name}: reusing" in second.stdout
+               for n, name in enumerate(("record", "dataset", "risk", "agent", "evaluate", "export", "live"), 1))
     assert len(list((out / "traces").glob("suite=*/run-*.parquet"))) == 1
+
+
+def test_probes_are_judged_by_the_audit_log_and_the_attackers_listeners(tmp_path):
+    from sandhop.datasets import scenarios as sc
+    from sandhop.datasets.probe import PROBES
+    from sandhop.demo import judge_probes
+    attacks = [s for s in PROBES if sc.get(s).family != "benign"]
+    negatives = [s for s in PROBES if sc.get(s).family == "benign"]
+    log = tmp_path / "audit.jsonl"
+    records = [{"kind": "decision", "test_id": PROBES[attacks[0]].test, "decision": "deny"},
+               {"kind": "decision", "test_id": PROBES["import-time-payload"].events, "decision": "redirect"},
+               {"kind": "event", "test_id": PROBES[attacks[1]].test, "decision": "allow"}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = {"outcomes": {PROBES[s].test: "passed" for s in negatives} | {PROBES[negatives[0]].test: "failed"},
+              "listeners": [{"kind": "tcp", "address": "91.92.243.18:9001"}]}
+    judged = judge_probes(report, log)
+    assert judged["stopped"] == [attacks[0], "import-time-payload"] and attacks[1] in judged["through"]
+    assert judged["attacks"] == len(attacks) == len(judged["stopped"]) + len(judged["through"])
+    assert judged["payloads"] == 1 and judged["hard_negatives_broken"] == [negatives[0]]
 
 
 def test_demo_names_an_unknown_suite(tmp_path):

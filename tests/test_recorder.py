@@ -3,7 +3,6 @@ Parquet. Each inner session is its own process (audit hooks cannot be removed)."
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sandhop.datasets import traces
+from sandhop.datasets.record import suite_env
 
 def record(root: Path, files: dict[str, str], *args: str) -> tuple[list[dict], subprocess.CompletedProcess]:
     """Run an inner pytest session in `root` under the recorder; return the trace rows."""
@@ -22,7 +22,7 @@ def record(root: Path, files: dict[str, str], *args: str) -> tuple[list[dict], s
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--sandhop-record", str(out), "--sandhop-suite", "inner==1.0",
          "-p", "no:cacheprovider", "-q", *args],
-        cwd=root, capture_output=True, text=True, env={**os.environ, "PYTEST_ADDOPTS": ""})
+        cwd=root, capture_output=True, text=True, env=suite_env())
     assert "sandhop: recorded inner==1.0" in proc.stdout, proc.stdout + proc.stderr
     return traces.read_traces(out).to_pylist(), proc
 
@@ -311,7 +311,7 @@ def test_without_parquet_support_the_spool_is_kept_and_converted_later(tmp_path)
     project.mkdir()
     (project / "test_w.py").write_text("def test_w(tmp_path):\n    (tmp_path / 'f').write_text('x')\n")
     out = project / "traces"
-    env = {**os.environ, "PYTEST_ADDOPTS": "", "PYTHONPATH": str(blocker.parent)}
+    env = suite_env({"PYTHONPATH": str(blocker.parent)})
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "--sandhop-record", str(out)], cwd=project, env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and "trace stays spooled" in proc.stdout, proc.stdout
