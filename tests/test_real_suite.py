@@ -6,22 +6,13 @@ import json
 import re
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from sandhop.datasets import traces
 from sandhop.datasets.record import suite_env, unpack_sdist
-from sandhop.demo import bundled_sdists
-
-
-def outcomes(junit: Path) -> dict[str, str]:
-    result = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
-        result[f"{case.get('classname')}::{case.get('name')}"] = kinds[0] if kinds else "passed"
-    return result
+from sandhop.demo import bundled_sdists, junit_outcomes
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +31,7 @@ def test_recording_does_not_change_results(click_src, tmp_path):
     recorded = run_click(click_src, tmp_path / "rec.xml", f"--sandhop-record={tmp_path / 'trace'}",
                          "--sandhop-suite=click==8.5.1")
     assert plain.returncode == recorded.returncode == 0, recorded.stdout[-2000:]
-    before, after = outcomes(tmp_path / "plain.xml"), outcomes(tmp_path / "rec.xml")
+    before, after = junit_outcomes(tmp_path / "plain.xml"), junit_outcomes(tmp_path / "rec.xml")
     assert len(before) > 2000
     assert before == after
     table = traces.read_traces(tmp_path / "trace")
