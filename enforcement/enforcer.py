@@ -26,7 +26,7 @@ from sandhop.enforcement.boot import make_boot_dir
 from sandhop.enforcement.engine import PolicyEngine, SandboxConfig, literal_glob
 from sandhop.enforcement.guard import Guard, GuardSpec
 from sandhop.enforcement.policy import PolicyError
-from sandhop.enforcement.tracer import ENV_GUARD, Tracer
+from sandhop.enforcement.tracer import Tracer
 
 
 class Enforcer:
@@ -40,7 +40,8 @@ class Enforcer:
         self.artifact = None
         self.manager = None
         self.fallback_note: str | None = None
-        self.managed = {"actions": 0, "episodes": 0, "events": 0, "quiet": 0}
+        self.managed = {"actions": 0, "episodes": 0, "children": 0, "events": 0, "quiet": 0}
+        self.notices: list[str] = []   # what children said of the manager (could not load it)
         # A --basetemp outside the system temp folder is still the tests' temp folder.
         self.runner_grants = (f"fs.* {literal_glob(os.path.realpath(basetemp))}/**",) if basetemp else ()
         self.mode = mode
@@ -74,8 +75,11 @@ class Enforcer:
         if self.artifact_path:
             self._load_artifact(engine)
         try:
+            # children of a managed test run the manager too (loaded when they first need it)
             spec = GuardSpec(policy=self.policy, grants=self.runner_grants, mode=self.mode,
-                             violations=str(self.violations_path), run_id=self.run_id)
+                             violations=str(self.violations_path), run_id=self.run_id,
+                             artifact=str(self.artifact.root) if self.artifact is not None else "",
+                             events=bool(self.audit_path))
             self.guard = Guard(tracer, engine, spec)
         except PolicyError as exc:
             option = "--sandhop-fallback-tier" if self.fallback_note else "--sandhop-policy"
@@ -96,14 +100,13 @@ class Enforcer:
         if self.artifact is not None:
             from sandhop.enforcement.runtime import Manager
             self.manager = Manager(self.artifact, engine)
-            self.guard.use_manager(self.manager, self._config_changed)
+            self.guard.use_manager(self.manager, self.guard.set_child_config)
             self.guard.record_events = self.audit is not None
         self.guard.install()
         try:
             self.guard.selftest()
         except RuntimeError as exc:
             raise pytest.UsageError(str(exc)) from None
-        self._base_json = self.tracer.extra_env[ENV_GUARD]
         for key, value in tracer.child_environment().items():
             os.putenv(key, value)
         # atexit is last-in first-out: registered now, this runs after the tests' own handlers.
@@ -144,12 +147,6 @@ class Enforcer:
             return {"artifact": str(self.artifact_path), "fallback": self.fallback_note}
         return {}
 
-    def _config_changed(self, config: SandboxConfig) -> None:
-        """The manager changed the running config: child processes started from now on get it."""
-        spec = GuardSpec(policy=config.tier, grants=config.grants, revocations=config.revocations,
-                         mode=self.mode, violations=str(self.violations_path), run_id=self.run_id)
-        self._set_child_spec(spec.to_json() if config is not self.guard.base else self._base_json)
-
     # ----------------------------------------------------------------- per test
     def config_for(self, item: pytest.Item) -> SandboxConfig:
         """The run's policy, then the test's marker (closest marker wins for `tier`)."""
@@ -173,19 +170,11 @@ class Enforcer:
     def _begin(self, item: pytest.Item) -> None:
         config = self._configs.pop(item.nodeid, None) or self.config_for(item)
         self.guard.begin_test(item.nodeid, config)
-        if config is not self.guard.base:  # children of this test enforce its config too
-            spec = GuardSpec(policy=config.tier, grants=config.grants, revocations=config.revocations,
-                             mode=self.mode, violations=str(self.violations_path), run_id=self.run_id)
-            self._set_child_spec(spec.to_json())
+        self.guard.set_child_config(config)  # children of this test enforce its config too
 
     def _end(self) -> None:
         self.guard.end_test()
-        self._set_child_spec(self._base_json)
-
-    def _set_child_spec(self, text: str) -> None:
-        if self.tracer.extra_env.get(ENV_GUARD) != text:
-            self.tracer.extra_env[ENV_GUARD] = text
-            os.putenv(ENV_GUARD, text)
+        self.guard.set_child_config(self.guard.base)
 
     @pytest.fixture
     def sandhop_guard(self) -> "Hopper":
@@ -283,8 +272,10 @@ class Enforcer:
             kind = rec.get("kind", "decision")
             if kind == "event":
                 pass  # an allowed scored event: for the audit log only
+            elif kind == "notice":
+                self.notices.append(rec.get("message", ""))
             elif kind == "episode":
-                self.managed["episodes"] += 1
+                self.managed["children" if rec.get("child") else "episodes"] += 1
                 self.managed["events"] += int(rec.get("events", 0))
                 self.managed["quiet"] += int(rec.get("quiet", 0))
             elif kind == "action":
@@ -350,13 +341,16 @@ class Enforcer:
         what = f"policy {self.policy}"
         if self.artifact is not None:
             m = self.managed
+            children = f" and {m['children']} child processes" if m["children"] else ""
             what = (f"artifact {self.artifact.root} (base tier {self.policy}; {m['events']} events in "
-                    f"{m['episodes']} tests and collectors, {m['events'] - m['quiet']} scored and {m['quiet']} "
-                    f"quiet, {m['actions']} manager actions)")
+                    f"{m['episodes']} tests and collectors{children}, {m['events'] - m['quiet']} scored and "
+                    f"{m['quiet']} quiet, {m['actions']} manager actions)")
         tr.write_line(f"sandhop: {what} ({self.mode}): {verb} {self.totals.get('deny', 0)} "
                       f"operations, redirected {self.totals.get('redirect', 0)}"
                       + (f"; audit log {self.audit_path}" if self.audit_path else ""),
                       yellow=bool(self.totals.get("deny")))
+        for message in dict.fromkeys(self.notices):
+            tr.write_line(message, yellow=True)
         for r in getattr(self, "unreported", []):
             tr.write_line(f"sandhop: outside any test: {r.get('message', '')}", red=self.mode == "enforce")
 

@@ -22,6 +22,10 @@ from sandhop.enforcement.policy import (TIERS_DIR, Policy, PolicyError, Rule, ex
 
 TIERS: tuple[str, ...] = ("observe", "low", "medium", "high", "lockdown")
 TIER_LEVEL: dict[str, int] = {t: i for i, t in enumerate(TIERS)}
+# A spawn hands the config current at that moment to the child, whose guard enforces it (a
+# Python child also runs the learned manager; any other program has none), so acting before a
+# spawn matters even when every tier allows the spawn itself.
+NEVER_QUIET: frozenset[str] = frozenset({"proc.spawn"})
 _PRECEDENCE = ("deny", "redirect", "allow")
 _KNOWN_CATEGORIES = frozenset(ev.CATEGORIES)
 
@@ -116,6 +120,7 @@ class PolicyEngine:
         self._cache: dict[tuple, Decision] = {}
         self._loading: dict[str, None] = {}
         self.cache_size = cache_size
+        self._tier_configs: tuple[SandboxConfig, ...] = ()
         # Tier templates load on first use: a child process needs only its own tier.
 
     # ----------------------------------------------------------------- loading
@@ -231,6 +236,18 @@ class PolicyEngine:
     # ----------------------------------------------------------------- deciding
     def decide(self, event: _Target, config: SandboxConfig) -> Decision:
         return self.decide_target(event.category, event.target, event.target_class, config)
+
+    def quiet(self, category: str, target: str, target_class: str) -> bool:
+        """Whether no hop can change the event's decision: every tier allows it (asked from the
+        strictest down, stopping at the first that does not) and it is no spawn (`NEVER_QUIET`).
+        A grant is an allow rule ordered after every deny and redirect rule, so such an event
+        stays allowed with its category granted; only a revocation of it changes it."""
+        if category in NEVER_QUIET:
+            return False
+        if not self._tier_configs:
+            self._tier_configs = tuple(self.config(t) for t in reversed(TIERS))
+        return all(self.decide_target(category, target, target_class, cfg).effect == "allow"
+                   for cfg in self._tier_configs)
 
     def decide_target(self, category: str, target: str, target_class: str, config: SandboxConfig) -> Decision:
         key = (config.key, category, target, target_class)

@@ -32,7 +32,7 @@ import shutil
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sandhop.enforcement import events as ev
 from sandhop.enforcement.engine import Decision, PolicyEngine, SandboxConfig
@@ -56,7 +56,9 @@ class SandboxViolation(PermissionError):
 
 @dataclass(frozen=True)
 class GuardSpec:
-    """What a child process needs to enforce the same config as its parent (one env variable)."""
+    """What a child process needs to enforce the same config as its parent (one env variable):
+    the config, and under a learned manager the artifact it loads at its first event that is not
+    quiet (`events`: the parent keeps an audit log, so allowed scored events are written too)."""
 
     policy: str
     grants: tuple[str, ...] = ()
@@ -64,18 +66,25 @@ class GuardSpec:
     mode: str = "enforce"
     violations: str = ""
     run_id: str = ""
+    artifact: str = ""
+    events: bool = False
 
     def to_json(self) -> str:
         return json.dumps({"policy": self.policy, "grants": list(self.grants),
                            "revocations": list(self.revocations), "mode": self.mode,
-                           "violations": self.violations, "run_id": self.run_id})
+                           "violations": self.violations, "run_id": self.run_id,
+                           **({"artifact": self.artifact, "events": self.events} if self.artifact else {})})
 
     @classmethod
     def from_json(cls, text: str) -> "GuardSpec":
         d = json.loads(text)
         return cls(policy=d["policy"], grants=tuple(d.get("grants", ())),
                    revocations=tuple(d.get("revocations", ())), mode=d.get("mode", "enforce"),
-                   violations=d.get("violations", ""), run_id=d.get("run_id", ""))
+                   violations=d.get("violations", ""), run_id=d.get("run_id", ""),
+                   artifact=d.get("artifact", ""), events=bool(d.get("events", False)))
+
+    def with_config(self, config: SandboxConfig) -> "GuardSpec":
+        return replace(self, policy=config.tier, grants=config.grants, revocations=config.revocations)
 
 
 def own_paths(spec_json: str) -> tuple[str, ...]:
@@ -123,11 +132,20 @@ class Guard:
         self.on_config = None
         self.record_events = False   # also write allowed scored events (an audit log is kept)
         self._manager_lock = threading.Lock()
+        # A child process of a managed test: the artifact its manager is loaded from at the first
+        # event that is not quiet (most children never meet one), and the quiet events before it.
+        self.child = False
+        self._child_artifact = ""
+        self._early: list[tuple] = []
 
     @classmethod
     def from_env(cls, tracer: Tracer, spec_json: str) -> "Guard":
         spec = GuardSpec.from_json(spec_json)
         guard = cls(tracer, PolicyEngine(tracer.roots), spec)
+        guard.child = True
+        if spec.artifact:
+            guard._child_artifact = spec.artifact
+            guard.record_events = spec.events
         guard.install()
         return guard
 
@@ -279,6 +297,8 @@ class Guard:
         test's config first: (decision, what the manager said or None). For events that arrive
         outside the audit hook too (browser requests and DOM changes)."""
         said = None
+        if self._child_artifact and self.manager is None and self.tracer.test_id:
+            self._child_manager(category, op, target, cls)
         if self.manager is not None and self.tracer.test_id:
             said = self._manage(category, op, target, cls)
         d = (decide or self.decide)(category, target, cls)
@@ -336,6 +356,54 @@ class Guard:
             self.state.config = config
         return said
 
+    def _child_manager(self, category: str, op: str, target: str, cls: str) -> None:
+        """In a child process of a managed test: keep quiet events aside until the first one that
+        is not quiet, then load the artifact's manager (numpy) and start an episode of the test
+        from the config the child began with, those quiet events first. Without it, a child would
+        run whatever the parent's config was at the spawn, unscored (a `python -c` that steals is
+        a spawn the parent scored, then events only the child sees)."""
+        with self._manager_lock:
+            if self._child_artifact and self.manager is None:
+                self._load_child_manager(category, op, target, cls)
+
+    def _load_child_manager(self, category: str, op: str, target: str, cls: str) -> None:
+        if (self._busy(self.engine.quiet, category, target, cls)
+                and category not in self.config.revocations):
+            self._early.append((category, op, target, cls, self.tracer.phase, time.monotonic_ns()))
+            return
+        path, self._child_artifact = self._child_artifact, ""
+        try:
+            from sandhop.enforcement.runtime import Artifact, Manager
+        except ImportError as exc:
+            # another interpreter (the boot folder's stdlib-only copy, no numpy): its config stays
+            self._write({"kind": "notice", "run_id": self.spec.run_id, "test_id": self.tracer.test_id,
+                         "pid": os.getpid(), "message": f"sandhop: a child process cannot run the learned manager "
+                         f"({exc}); it enforces the config it started with ({self.config.tier})"})
+            return
+        try:
+            manager = Manager(self._busy(Artifact.load, path, self.engine), self.engine)
+        except Exception as exc:  # noqa: BLE001 - fail closed, whatever went wrong
+            self.state.config = self.engine.hop(self.config, "lockdown")
+            self.set_child_config(self.state.config)
+            self._write({"kind": "notice", "run_id": self.spec.run_id, "test_id": self.tracer.test_id,
+                         "pid": os.getpid(), "message": f"sandhop: a child process could not load the artifact "
+                         f"{path} ({exc}); it runs under lockdown's rules (fail closed)"})
+            return
+        self.use_manager(manager, self.set_child_config)
+        manager.begin(self.tracer.test_id, self.config)
+        for early in self._early:
+            self._busy(manager.event, *early)
+        self._early = []
+        _real_atexit_register(self._end_episode)
+
+    def set_child_config(self, config: SandboxConfig) -> None:
+        """Children started from now on enforce `config` (the base as the run's spec names it: a
+        policy file's path, not its name)."""
+        text = (self.spec if config is self.base else self.spec.with_config(config)).to_json()
+        if self.tracer.extra_env.get(ENV_GUARD) != text:
+            self.tracer.extra_env[ENV_GUARD] = text
+            os.putenv(ENV_GUARD, text)
+
     def _end_episode(self) -> None:
         m = self.manager
         ep = m.episode
@@ -344,8 +412,8 @@ class Guard:
         m.episode = None
         self._write({"kind": "episode", "run_id": self.spec.run_id, "test_id": ep.test_id, "pid": os.getpid(),
                      "events": ep.events, "quiet": ep.quiet, "actions": ep.actions,
-                     "max_risk": round(ep.max_risk, 6),
-                     "tier": ep.config.tier})
+                     "max_risk": round(ep.max_risk, 6), "tier": ep.config.tier,
+                     **({"child": True} if self.child else {})})
         if self.state.test_id != ep.test_id and self.state.config is not self.base:
             self.state.config = self.base  # a collector's escalation ends with it
             if self.on_config is not None:

@@ -41,8 +41,8 @@ from sandhop.agents.features import N_FIXED, PAD, FeatureError, FeatureSpec, dt_
 from sandhop.agents.network import Inputs, actor, normalize
 from sandhop.enforcement.engine import TIERS, PolicyEngine, SandboxConfig
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, PHASES, TARGET_CLASSES
-from sandhop.envs.spec import (PROGRESS_EVENTS, EnvSpec, action_mask, apply_action, is_quiet, progress_of,
-                               push_recent, quiet_event)
+from sandhop.envs.spec import (GRANTED, PROGRESS_EVENTS, REVOKED, EnvSpec, action_mask, apply_action, is_quiet,
+                               progress_of, push_recent, quiet_event)
 
 FORMAT_VERSION = 1
 ROTARY_TABLE = 1 << 15   # positions whose rotary angles are kept in a table (a few MB at most)
@@ -625,13 +625,16 @@ class Manager:
         self._features: dict[tuple, tuple] = {}
         self._actions: dict[bytes, int] = {}
         self._quiet: dict[str, bool] = {}
-        self._configs: dict = {}
         self._slots = self.spec.category_slots()
         self.events = self.quiet_events = 0
 
     def begin(self, test_id: str, config: SandboxConfig) -> None:
-        self.episode = _Episode(test_id, config, self.artifact.risk.new_state(),
-                                np.zeros(self.spec.n_categories, np.int64))
+        """Start an episode from `config`; whole categories it grants or revokes (a child process
+        starts from its parent's config, grants and revocations the parent's manager made included)
+        are the episode's permissions."""
+        permissions = np.array([GRANTED if c in config.grants else REVOKED if c in config.revocations else 0
+                                for c in self.spec.categories], np.int64)
+        self.episode = _Episode(test_id, config, self.artifact.risk.new_state(), permissions)
 
     def features(self, category: str, op: str, target: str, cls: str, phase: str) -> tuple[np.ndarray, np.ndarray]:
         """The event's features and embedding (both cached: the same operations recur)."""
@@ -653,7 +656,7 @@ class Manager:
         if known is None:
             if len(self._quiet) > 65536:
                 self._quiet.clear()
-            known = self._quiet[key] = quiet_event(self.engine, category, target, cls, self._configs)
+            known = self._quiet[key] = quiet_event(self.engine, category, target, cls)
         return known and bool(is_quiet(True, self.episode.permissions[slot] if slot >= 0 else 0))
 
     def observe(self, category: str, cls: str, risk: float, tags: np.ndarray, quiet: bool = False) -> dict:

@@ -1,8 +1,13 @@
 """sandhop.envs: the sandbox-manager environments (Gymnasium and its JAX twin).
 
-Importing this package registers `sandhop/SandboxManager-v0` with Gymnasium (also reachable
-without an import as `gymnasium.make("sandhop.envs:sandhop/SandboxManager-v0")`).
+`import gymnasium, sandhop.envs` registers `sandhop/SandboxManager-v0` with Gymnasium (as does
+importing `sandhop.envs.sandbox_env`; the id is also reachable without an import as
+`gymnasium.make("sandhop.envs:sandhop/SandboxManager-v0")`). Importing this package alone does
+not import Gymnasium: the live runtime (`sandhop.envs.spec`) must start fast, in every child
+process of a managed test that needs it.
 """
+
+import sys
 
 ENV_ID = "sandhop/SandboxManager-v0"
 
@@ -14,7 +19,5 @@ def register() -> None:
                            vector_entry_point=None, disable_env_checker=False)
 
 
-try:
+if "gymnasium" in sys.modules:
     register()
-except ImportError:  # the base install has no gymnasium; the env needs sandhop[train]
-    pass

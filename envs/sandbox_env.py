@@ -25,7 +25,7 @@ from gymnasium.vector import AutoresetMode
 
 from sandhop.enforcement.engine import PolicyEngine
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, TARGET_CLASSES
-from sandhop.envs import data as envdata
+from sandhop.envs import data as envdata, register
 from sandhop.envs.spec import (EFFECTS, N_TIERS, OUTCOMES, PERMISSIONS, EnvSpec, action_mask, apply_action,
                                is_quiet, outcome_of, push_recent, quiet_event, step_reward)
 
@@ -76,7 +76,6 @@ class SandboxManagerEnv(gym.Env):
         self._last: dict = {}
         # per distinct event: 1 quiet, 0 not, -1 not yet asked (the engine decides it once)
         self._quiet = np.full(len(self.episodes.targets), -1, np.int8)
-        self._configs: dict = {}
 
     # ------------------------------------------------------------------ Gymnasium API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -165,7 +164,7 @@ class SandboxManagerEnv(gym.Env):
         u = int(e.event[i])
         if self._quiet[u] < 0:
             category, target, cls = e.targets[u]
-            self._quiet[u] = quiet_event(self.engine, category, target, cls, self._configs)
+            self._quiet[u] = quiet_event(self.engine, category, target, cls)
         slot = self._slot[int(e.category[i])]
         quiet = is_quiet(bool(self._quiet[u]), self._permissions[slot] if slot >= 0 else 0)
         return action_mask(np, self.config.level, self._permissions, self.env_spec.n_categories, quiet).astype(np.int8)
@@ -185,3 +184,6 @@ class SandboxManagerEnv(gym.Env):
             "progress": np.array([1.0 if done else e.progress[i]], np.float32),
             "action_mask": self.action_masks(),
         }
+
+
+register()  # importing the env registers its id (as `import gymnasium, sandhop.envs` does)

@@ -46,7 +46,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from sandhop.enforcement.engine import TIER_LEVEL, TIERS, PolicyEngine, SandboxConfig
+from sandhop.enforcement.engine import NEVER_QUIET, TIER_LEVEL, TIERS, PolicyEngine, SandboxConfig
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, TARGET_CLASSES
 
 EFFECTS: tuple[str, ...] = ("allow", "redirect", "deny")
@@ -198,12 +198,10 @@ def default_config() -> dict:
 
 def plain_config(cfg: Any) -> dict:
     """A config node (OmegaConf, resolved) or mapping as a plain dict the caller may change."""
-    try:
-        from omegaconf import OmegaConf
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:
-        pass
+    import sys
+    omegaconf = sys.modules.get("omegaconf")  # a config node exists only once omegaconf is loaded
+    if omegaconf is not None and omegaconf.OmegaConf.is_config(cfg):
+        return omegaconf.OmegaConf.to_container(cfg, resolve=True)
     import copy
     return copy.deepcopy(dict(cfg or {}))
 
@@ -220,11 +218,6 @@ def action_mask(xp, level, permissions, n_categories: int, quiet=False):
     grants = (permissions != GRANTED) & (level < LOCKDOWN) & act
     revokes = (permissions != REVOKED) & act
     return xp.concatenate([stay, hops, grants, revokes])
-
-
-# A spawn hands the config current at that moment to the child (the child's guard enforces it
-# and has no model), so acting before one matters even when every tier allows the spawn itself.
-NEVER_QUIET: frozenset[str] = frozenset({"proc.spawn"})
 
 
 def quiet_row(effects: np.ndarray, category) -> np.ndarray:
@@ -267,18 +260,12 @@ def decision_row(engine: PolicyEngine, category: str, target: str, cls: str, slo
     return row
 
 
-def quiet_event(engine: PolicyEngine, category: str, target: str, cls: str, configs: dict | None = None) -> bool:
-    """`quiet_row` of the event's `decision_row`, asked of the engine directly (the live runtime
-    asks this once per new event): allowed by every tier, from the strictest down, stopping at
-    the first that does not allow it. A grant is an allow rule the engine orders after every
-    deny and redirect rule, so an event a tier allows stays allowed with its category granted
-    (the Gymnasium env, which asks this, and the JAX twin, which reads `quiet_row` of the full
-    table, are checked against each other step by step)."""
-    if category in NEVER_QUIET:
-        return False
-    return all(engine.decide_target(category, target, cls, cfg).effect == "allow"
-               for _, _, cfg in _reachable(engine, category, False, {} if configs is None else configs,
-                                           levels=range(N_TIERS - 1, -1, -1)))
+def quiet_event(engine: PolicyEngine, category: str, target: str, cls: str) -> bool:
+    """`quiet_row` of the event's `decision_row`, asked of the engine directly (`PolicyEngine.quiet`;
+    the live runtime asks this once per new event). The Gymnasium env, which asks this, and the
+    JAX twin, which reads `quiet_row` of the full table, are checked against each other step by
+    step."""
+    return engine.quiet(category, target, cls)
 
 
 def outcome_of(malicious, effect):

@@ -102,7 +102,23 @@ def artifact_tools(trained):
         rehash_artifact(art)
         return art
 
-    return SimpleNamespace(with_policy=with_policy, rehash=rehash_artifact)
+    def when_class(where: Path, target_class: str, action: str) -> Path:
+        """The artifact with a policy that takes `action` at events of `target_class` only and
+        otherwise stays (a hand-set network: one hidden unit lit by that class's embedding)."""
+        from sandhop.enforcement.events import CATEGORIES, TARGET_CLASSES
+        art = shutil.copytree(trained.artifact, Path(where) / f"{action.replace(':', '-')}-at-{target_class}")
+        weights = {k: np.zeros_like(v) if k.startswith(("embed.", "actor.")) else v
+                   for k, v in load_file(str(art / POLICY_FILE)).items()}
+        names = Artifact.load(art).env_spec.action_names()
+        weights["embed.table"][len(CATEGORIES) + TARGET_CLASSES.index(target_class), 0] = 3.0
+        weights["actor.0.w"][0, 0] = 3.0
+        weights["actor.1.w"][0, names.index(action)] = 10.0
+        weights["actor.1.b"][names.index("stay")] = 5.0
+        save_file(weights, str(art / POLICY_FILE))
+        rehash_artifact(art)
+        return art
+
+    return SimpleNamespace(with_policy=with_policy, when_class=when_class, rehash=rehash_artifact)
 
 
 @pytest.fixture

@@ -349,6 +349,51 @@ def test_a_manager_that_stays_enforces_the_base_tier(artifact_tools, pytester, h
     result.stdout.fnmatch_lines(["*base tier observe*0 manager actions*denied 0 operations*"])
 
 
+CHILD_SUITE = """
+    import os, subprocess, sys
+
+    STEAL = "import os; print(open(os.path.expanduser('~/.ssh/id_rsa')).read())"
+
+    def test_child_reads_key():
+        child = subprocess.run([sys.executable, "-c", STEAL], capture_output=True, text=True)
+        assert child.returncode == 0 and child.stdout.strip() == "CANARY", child.stderr
+"""
+
+
+def test_a_child_process_runs_the_manager_from_its_first_event_that_is_not_quiet(artifact_tools, pytester, home,
+                                                                                   tmp_path):
+    """The parent only spawns (the hand-set policy stays there); the child reads the key, which
+    its own manager, loaded then, hops to high for: the read is denied in the child."""
+    pytester.makepyfile(test_inner=textwrap.dedent(CHILD_SUITE))
+    art = artifact_tools.when_class(tmp_path, "home.secret", "hop:high")
+    log = tmp_path / "audit.jsonl"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", f"--sandhop-enforce={art}",
+                                           f"--sandhop-audit-log={log}")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*deny*fs.read*id_rsa*(risk *", "*tests and collectors and 1 child processes*"])
+    (action,) = records(log, "action")
+    (deny,) = [r for r in records(log, "decision") if r["target"].endswith("id_rsa")]
+    parent = {e["pid"] for e in records(log, "episode") if not e.get("child")}
+    (child,) = [e for e in records(log, "episode") if e.get("child")]
+    assert action["pid"] == deny["pid"] == child["pid"] and child["pid"] not in parent
+    assert action["tier_before"] == "observe" and action["tier"] == deny["tier"] == "high"
+    assert child["quiet"] > 0 and child["events"] > child["quiet"]   # its imports waited, unscored
+    # the same artifact with a policy that never acts lets the child read it (observe)
+    calm = artifact_tools.with_policy(tmp_path / "calm", "stay")
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--sandhop-enforce={calm}").assert_outcomes(passed=1)
+
+
+def test_a_child_that_cannot_load_the_artifact_fails_closed(artifact_tools, pytester, home, tmp_path):
+    """The artifact changed after the run began: the child's manager cannot load, so the child
+    runs under lockdown's rules and says why."""
+    art = artifact_tools.with_policy(tmp_path, "stay")
+    pytester.makepyfile(test_inner=textwrap.dedent(CHILD_SUITE).replace(
+        "def test_child_reads_key():", f"def test_child_reads_key():\n    open({str(art / POLICY_FILE)!r}, 'ab').write(b'x')"))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", f"--sandhop-enforce={art}")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*deny*fs.read*id_rsa*", "*could not load the artifact*fail closed*"])
+
+
 def test_sandhop_run_passes_pytest_arguments_and_fails_closed(trained, artifact_tools, home, tmp_path):
     suite = tmp_path / "suite"
     suite.mkdir()
