@@ -8,7 +8,8 @@ nothing but numpy and the event model. An event becomes a row of `N_FIXED + piec
 Vocabularies are closed (category, class, phase: from `sandhop.enforcement.events`) or fitted on
 training data (`ops`: every op seen, index 1 = unknown). Target pieces are path segments, domain
 labels, argv[0], module parts or variable names, hashed (crc32, stable across processes) into
-`piece_buckets`. 0 is padding everywhere. The spec is stored as JSON beside every checkpoint and
+`piece_buckets`; in path segments and command words, numbers and `tempfile`'s random names are
+one token each (version 2), so a piece says the same in every run. 0 is padding everywhere. The spec is stored as JSON beside every checkpoint and
 artifact; `fingerprint()` names it, and a checkpoint refuses data encoded under another spec.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import zlib
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -26,7 +28,11 @@ import numpy as np
 
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, PHASES, TARGET_CLASSES, split_address
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
+# Parts of names that differ between runs of the same test: `tempfile`'s `tmpXXXXXXXX`, and
+# numbers (pytest's `pytest-1066/test_x0`, pids, ports in arguments). Version 1 hashed them as
+# they were, so one test's risk moved with the random name of its temporary file.
+_RUN_SPECIFIC = re.compile(r"\btmp[a-z0-9_]{8}\b|[0-9]+")
 PAD, UNK = 0, 1
 FIXED = ("category", "op", "target_class", "phase", "dt")
 N_FIXED = len(FIXED)
@@ -159,6 +165,11 @@ def dt_bucket_one(dt_ns: int, buckets: int) -> int:
     return int(min(max(1 + math.floor(math.log2(max(dt_ns, 0) / 1e3 + 1)), 1), buckets - 1))
 
 
+def stable(word: str) -> str:
+    """`word` with its run-specific parts (`_RUN_SPECIFIC`) replaced by one token each."""
+    return _RUN_SPECIFIC.sub(lambda m: "#" if m.group()[0].isdigit() else "tmp~", word)
+
+
 def target_pieces(category: str, target: str) -> list[str]:
     """The parts of a target that say what it is: a path's first two and last two segments, a
     host's last three labels (or its port), argv[0] and the first argument, a module's parts, an
@@ -170,7 +181,7 @@ def target_pieces(category: str, target: str) -> list[str]:
     if family == "fs" or (category == "code.native" and "/" in target):
         parts = [p for p in target.split("/") if p]
         picked = parts[:2] + [p for p in parts[-2:] if p not in parts[:2]]
-        return ["p:" + p for p in picked]
+        return ["p:" + stable(p) for p in picked]
     if category in ("net.connect", "net.bind", "net.send"):
         host, port = split_address(target)
         return ["port:" + port] + ["h:" + label for label in host.split(".")[::-1][:3] if not host[:1].isdigit()]
@@ -178,7 +189,7 @@ def target_pieces(category: str, target: str) -> list[str]:
         return ["h:" + label for label in target.split(".")[::-1][:3]]
     if category == "proc.spawn":
         words = target.replace("'", " ").split()
-        return ["x:" + words[0].rsplit("/", 1)[-1]] + ["a:" + w for w in words[1:2]] if words else []
+        return ["x:" + stable(words[0].rsplit("/", 1)[-1])] + ["a:" + stable(w) for w in words[1:2]] if words else []
     if family == "env":
         return ["e:" + target] + ["e:" + w for w in target.split("_")[:2]]
     if family == "code":

@@ -135,6 +135,7 @@ class Guard:
         # A child process of a managed test: the artifact its manager is loaded from at the first
         # event that is not quiet (most children never meet one), and the quiet events before it.
         self.child = False
+        self._child_config: SandboxConfig | None = None   # what children started now enforce
         self._child_artifact = ""
         self._early: list[tuple] = []
 
@@ -155,6 +156,7 @@ class Guard:
         self.tracer.gate = self.gate
         self.tracer.own_files = self._own_file
         self.tracer.extra_env[ENV_GUARD] = self.spec.to_json()
+        self._child_config = self.base
         self._open_violations()
         os.register_at_fork(after_in_child=self._after_fork)
         _intercept(self)
@@ -399,6 +401,9 @@ class Guard:
     def set_child_config(self, config: SandboxConfig) -> None:
         """Children started from now on enforce `config` (the base as the run's spec names it: a
         policy file's path, not its name)."""
+        if config is self._child_config:   # most tests begin and end at the base config
+            return
+        self._child_config = config
         text = (self.spec if config is self.base else self.spec.with_config(config)).to_json()
         if self.tracer.extra_env.get(ENV_GUARD) != text:
             self.tracer.extra_env[ENV_GUARD] = text

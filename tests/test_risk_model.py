@@ -383,3 +383,18 @@ def test_a_checkpoint_refuses_data_of_another_spec(runs, tmp_path, capsys):
     with pytest.raises(FeatureError, match="version 99"):
         load_run(out)
 
+
+
+def test_run_specific_parts_of_names_encode_alike_and_meaningful_ones_do_not():
+    """A test's temporary file gets a new random name every run (pytest's folders a new number):
+    the features, and so the risk, must not move with it."""
+    spec = FeatureSpec.fit(["open"], pieces=4, piece_buckets=1 << 16)
+
+    def row(category, target):
+        return spec.encode_event(category, "open", target, "tmp", "call").tolist()
+    spawn = "/usr/bin/cat '${tmp}/%s'"
+    assert row("proc.spawn", spawn % "tmpgryynxwn") == row("proc.spawn", spawn % "tmpi5s8779q")
+    assert row("fs.write", "${tmp}/pytest-of-root/pytest-1066/test_pager_0/tmpgryynxwn") == \
+        row("fs.write", "${tmp}/pytest-of-root/pytest-7/test_pager_12/tmp_k2j9x0q")
+    assert row("fs.read", "${home}/.ssh/id_rsa") != row("fs.read", "${home}/.ssh/id_ed25519")
+    assert row("fs.write", "${tmp}/tmp_path_factory") != row("fs.write", "${tmp}/tmp_cache_folder")
