@@ -1,7 +1,7 @@
 """Wall time of a real suite plain vs. enforced (a policy tier, or an exported artifact), as a ratio.
 
-    python bench/enforce_overhead.py [--policy medium | --artifact DIR] [--rounds 5] [SUITE_DIR]
-                                     [-- PYTEST_ARGS...]
+    python bench/enforce_overhead.py [--policy medium | --artifact DIR [--baseline TIER]] [--rounds 5]
+                                     [SUITE_DIR] [-- PYTEST_ARGS...]
 
 (options before SUITE_DIR: everything after it goes to pytest.)
 
@@ -13,8 +13,10 @@ one with `sandhop export`). Runs alternate plain and enforced (same interpreter,
 machine noise hits both alike; it also checks that enforcing broke no test (the outcome counts
 must be equal; tests whose outcome differs are named, and the script then exits 1). From the
 plugin's summary line of the last enforced run it reports the operations denied and redirected,
-and in artifact mode the events the manager scored and the actions it took. The last output line
-is one JSON object.
+and in artifact mode the events the manager scored and the actions it took. `--baseline TIER`
+(artifact mode) adds a third run per round under that static tier, usually the artifact's base
+tier: the artifact's ratio to it is what the learned runtime adds to the guard itself, whose own
+cost varies more with the machine. The last output line is one JSON object.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def bundled_click(work: Path) -> tuple[Path, list[str], str]:
 # in 403 tests and collectors, 301 scored and 2591 quiet, 79 manager actions) (enforce): denied 0
 # operations, redirected 0"
 SUMMARY = re.compile(r"sandhop: (?:policy .*|artifact .*; (?P<events>\d+) events in (?P<episodes>\d+) tests "
-                     r"and collectors, (?P<scored>\d+) scored and (?P<quiet>\d+) quiet, (?P<actions>\d+) manager "
+                     r"and collectors(?: and \d+ child processes)?, (?P<scored>\d+) scored and (?P<quiet>\d+) quiet, (?P<actions>\d+) manager "
                      r"actions\)) \((?:enforce|audit)\): "
                      r"(?:would have )?denied (?P<denied>\d+) operations, redirected (?P<redirected>\d+)")
 
@@ -73,11 +75,15 @@ def main() -> None:
     ap.add_argument("--policy", default=None, help="tier or policy file to enforce (default medium)")
     ap.add_argument("--artifact", metavar="DIR", default=None,
                     help="enforce with this exported artifact (--sandhop-enforce DIR) instead of a policy")
+    ap.add_argument("--baseline", metavar="TIER", default=None,
+                    help="with --artifact: also time each round under this static tier (e.g. observe)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: extra pytest arguments")
     args = ap.parse_args()
     if args.policy and args.artifact:
         ap.error("--policy and --artifact both say what to enforce; pass one")
+    if args.baseline and not args.artifact:
+        ap.error("--baseline compares an artifact with a static tier; pass --artifact too")
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
     if args.artifact:
@@ -114,17 +120,20 @@ def main() -> None:
         return elapsed, proc.stdout
 
     timed([], work / "warm.xml")  # warm the page cache and bytecode caches once, unmeasured
-    plain, enforced = [], []
+    plain, enforced, baseline = [], [], []
     differing: dict[str, tuple[str | None, str | None]] = {}  # over all rounds: test -> (plain, enforced)
     for i in range(args.rounds):
         plain.append(timed([], work / "plain.xml")[0])
         seconds, stdout = timed(enforce, work / "enforced.xml")
         enforced.append(seconds)
+        if args.baseline:
+            baseline.append(timed([f"--sandhop-policy={args.baseline}"], work / "baseline.xml")[0])
         plain_results, enforced_results = junit_outcomes(work / "plain.xml"), junit_outcomes(work / "enforced.xml")
         for test in sorted(plain_results.keys() | enforced_results.keys()):
             if plain_results.get(test) != enforced_results.get(test):
                 differing[test] = (plain_results.get(test), enforced_results.get(test))
         print(f"round {i + 1}/{args.rounds}: plain {plain[-1]:.2f}s  {label} {enforced[-1]:.2f}s  "
+              f"{f'{args.baseline} {baseline[-1]:.2f}s  ' if baseline else ''}"
               f"outcomes plain {count_outcomes(plain_results)} enforced {count_outcomes(enforced_results)}", flush=True)
     summary = enforcement_summary(stdout, artifact is not None)
     shutil.rmtree(work, ignore_errors=True)
@@ -145,6 +154,10 @@ def main() -> None:
               "outcomes_equal": equal, "plain_outcomes": plain_outcomes, "enforced_outcomes": enforced_outcomes,
               "differing_tests": sorted(differing)[:20],
               "denied": summary["denied"], "redirected": summary["redirected"]}
+    if baseline:
+        result.update(baseline=args.baseline, baseline_median_s=round(statistics.median(baseline), 3),
+                      baseline_ratio=round(statistics.median(baseline) / statistics.median(plain), 3),
+                      ratio_vs_baseline=round(statistics.median(enforced) / statistics.median(baseline), 3))
     if artifact is not None:
         result.update(manager_events=summary["events"], manager_episodes=summary["episodes"],
                       manager_actions=summary["actions"])
