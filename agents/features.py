@@ -9,8 +9,9 @@ Vocabularies are closed (category, class, phase: from `sandhop.enforcement.event
 training data (`ops`: every op seen, index 1 = unknown). Target pieces are path segments, domain
 labels, argv[0], module parts or variable names, hashed (crc32, stable across processes) into
 `piece_buckets`; in path segments and command words, numbers and `tempfile`'s random names are
-one token each (version 2), so a piece says the same in every run. 0 is padding everywhere. The spec is stored as JSON beside every checkpoint and
-artifact; `fingerprint()` names it, and a checkpoint refuses data encoded under another spec.
+one token each (version 2), so a piece says the same in every run. 0 is padding everywhere. The
+spec is stored as JSON beside every checkpoint and artifact; `fingerprint()` names it, and a
+checkpoint refuses data encoded under another spec.
 """
 
 from __future__ import annotations

@@ -17,8 +17,10 @@ Steps, each reused on the next run when its result exists (unless `--force`):
 8. report    `report.md` with plots (`sandhop.report`), and its summary printed
 
 Everything runs in this process or in pytest subprocesses of this interpreter; nothing is
-downloaded. A step that cannot run says why and what to do, and the later steps that do not
-depend on it still run.
+downloaded. A step that cannot run stops the demo, saying why and what to do; the steps finished
+before it are reused by the next run. A step that runs (again) makes every later step run again,
+so the report never mixes two runs; live results made without the probes are not reused when the
+probes are asked for.
 """
 
 from __future__ import annotations
@@ -51,14 +53,6 @@ def bundled_sdists() -> dict[str, Path]:
     """name -> sdist archive shipped with sandhop."""
     folder = Path(str(resources.files("sandhop.datasets") / "data" / BUNDLED_SUITES))
     return {p.name.split("-", 1)[0].lower(): p for p in sorted(folder.glob("*.tar.gz"))}
-
-
-def compose(app: str, overrides) -> object:
-    from hydra import compose as hydra_compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    GlobalHydra.instance().clear()
-    with initialize_config_module("sandhop.configs", version_base="1.3"):
-        return hydra_compose(app, overrides=list(overrides))
 
 
 def junit_outcomes(junit: Path) -> dict[str, str]:
@@ -128,15 +122,18 @@ class Demo:
         self.risk, self.agent = self.out / "risk", self.out / "agent"
         self.eval, self.artifact, self.live_dir = self.out / "eval", self.out / "artifact", self.out / "live"
         self.timings: dict[str, float] = {}
+        self.redone = False   # a step ran: every later one runs too
 
     def step(self, n: int, name: str, done: bool, what: str, run: Callable[[], None]) -> None:
         label = f"[{n}/{len(STEPS)}] {name}"
-        if done and not self.force:
+        if done and not self.force and not self.redone:
             self.say(f"{label}: reusing {what} (--force redoes it)")
             return
         self.say(f"{label}: {what}")
         started = time.perf_counter()
         run()
+        # the later steps read what this one made: reusing their older results would mix two runs
+        self.redone = self.redone or name != "record"
         self.timings[name] = round(time.perf_counter() - started, 1)
         self.say(f"{label}: done in {self.timings[name]:.0f} s")
 
@@ -174,16 +171,18 @@ class Demo:
 
     def train_risk(self) -> None:
         from sandhop.agents import train_risk
+        from sandhop.datasets.splits import compose
         if self.force:
             shutil.rmtree(self.risk, ignore_errors=True)
-        train_risk.run(compose("train_risk", [*RISK_OVERRIDES, f"out={self.risk}", f"progress={self.bars}"]))
+        train_risk.run(compose([*RISK_OVERRIDES, f"out={self.risk}", f"progress={self.bars}"], "train_risk"))
 
     def train_agent(self) -> None:
         from sandhop.agents import train_agent
+        from sandhop.datasets.splits import compose
         if self.force:
             shutil.rmtree(self.agent, ignore_errors=True)
-        cfg = compose("train_agent", [*AGENT_OVERRIDES, f"env.risk.checkpoint={self.risk}", f"out={self.agent}",
-                                      f"progress={self.bars}"])
+        cfg = compose([*AGENT_OVERRIDES, f"env.risk.checkpoint={self.risk}", f"out={self.agent}",
+                       f"progress={self.bars}"], "train_agent")
         train_agent.run(cfg, self.agent)
 
     def evaluate(self) -> None:
@@ -269,6 +268,15 @@ class Demo:
             print(line)
         return path
 
+    def _live_done(self) -> bool:
+        """The live results exist, and hold the probes unless they were not asked for (a run that
+        skipped them, e.g. without root, does not stand in for one that can run them)."""
+        path = self.live_dir / "live.json"
+        if not path.exists():
+            return False
+        probes = json.loads(path.read_text()).get("probes") or {}
+        return not (self.probes and probes.get("skipped"))
+
     # ----------------------------------------------------------------- all of it
     def run(self) -> int:
         self.say(f"sandhop demo -> {self.out}")
@@ -288,7 +296,7 @@ class Demo:
                   "the manager against static tiers, the threshold rule and the oracle (test split)", self.evaluate)
         self.step(6, "export", (self.artifact / "manifest.json").exists(), f"the artifact -> {self.artifact}",
                   self.export)
-        self.step(7, "live", (self.live_dir / "live.json").exists(),
+        self.step(7, "live", self._live_done(),
                   f"{self.recipe.spec} plain and under the artifact, and the live attack probes", self.live)
         self.say(f"[8/{len(STEPS)}] report")
         path = self.report()

@@ -368,22 +368,9 @@ class Timeline:
 
 
 def read_audit_log(log: str | Path) -> list[dict]:
-    """The records of an audit log, all its segments in chain order (unreadable lines skipped:
-    `sandhop audit verify` is the judge of those)."""
-    from sandhop.enforcement.audit import segments
-    paths = segments(log)
-    if not paths:
-        raise FileNotFoundError(f"{log}: no such audit log")
-    records = []
-    for path in paths:
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+    """The records of an audit log, all its segments in chain order (`audit.records`)."""
+    from sandhop.enforcement import audit
+    return audit.records(log)
 
 
 def tier_timeline(records: Sequence[Mapping[str, Any]], test_id: str | None = None) -> Timeline | None:

@@ -574,6 +574,15 @@ def _read_lines(numbered: list[tuple[int, Path]]) -> Iterator[_Line]:
             yield _Line(position, where, raw, record, "" if canonical else "not canonical")
 
 
+def records(log: str | os.PathLike) -> list[dict]:
+    """The well-formed records of a log, all its segments in chain order, without checking the
+    chain (`verify` is the judge of that, and of the lines left out here)."""
+    numbered = _numbered_segments(Path(log))
+    if not numbered:
+        raise FileNotFoundError(f"{log}: no such audit log")
+    return [line.record for line in _read_lines(numbered) if line.record is not None]
+
+
 def _wrong_key(head: dict | None, key: bytes | None, records: list[dict], hash_ok: dict) -> str:
     """Why the key cannot be the log's, or "" when it may be."""
     if head is not None and ("mac" in head) != (key is not None):

@@ -378,18 +378,16 @@ class Guard:
             from sandhop.enforcement.runtime import Artifact, Manager
         except ImportError as exc:
             # another interpreter (the boot folder's stdlib-only copy, no numpy): its config stays
-            self._write({"kind": "notice", "run_id": self.spec.run_id, "test_id": self.tracer.test_id,
-                         "pid": os.getpid(), "message": f"sandhop: a child process cannot run the learned manager "
-                         f"({exc}); it enforces the config it started with ({self.config.tier})"})
+            self._notice(f"a child process cannot run the learned manager ({exc}); it enforces the config "
+                         f"it started with ({self.config.tier})")
             return
         try:
             manager = Manager(self._busy(Artifact.load, path, self.engine), self.engine)
         except Exception as exc:  # noqa: BLE001 - fail closed, whatever went wrong
             self.state.config = self.engine.hop(self.config, "lockdown")
             self.set_child_config(self.state.config)
-            self._write({"kind": "notice", "run_id": self.spec.run_id, "test_id": self.tracer.test_id,
-                         "pid": os.getpid(), "message": f"sandhop: a child process could not load the artifact "
-                         f"{path} ({exc}); it runs under lockdown's rules (fail closed)"})
+            self._notice(f"a child process could not load the artifact {path} ({exc}); it runs under "
+                         "lockdown's rules (fail closed)")
             return
         self.use_manager(manager, self.set_child_config)
         manager.begin(self.tracer.test_id, self.config)
@@ -397,6 +395,11 @@ class Guard:
             self._busy(manager.event, *early)
         self._early = []
         _real_atexit_register(self._end_episode)
+
+    def _notice(self, message: str) -> None:
+        """What a child says of its manager (the parent prints it in the summary)."""
+        self._write({"kind": "notice", "run_id": self.spec.run_id, "test_id": self.tracer.test_id,
+                     "pid": os.getpid(), "message": "sandhop: " + message})
 
     def set_child_config(self, config: SandboxConfig) -> None:
         """Children started from now on enforce `config` (the base as the run's spec names it: a

@@ -42,7 +42,7 @@ from sandhop.agents.network import Inputs, actor, normalize
 from sandhop.enforcement.engine import TIERS, PolicyEngine, SandboxConfig
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, PHASES, TARGET_CLASSES
 from sandhop.envs.spec import (GRANTED, PROGRESS_EVENTS, REVOKED, EnvSpec, action_mask, apply_action, is_quiet,
-                               progress_of, push_recent, quiet_event)
+                               progress_of, push_recent)
 
 FORMAT_VERSION = 1
 ROTARY_TABLE = 1 << 15   # positions whose rotary angles are kept in a table (a few MB at most)
@@ -647,6 +647,13 @@ class Manager:
             hit = self._features[key] = (row, self.artifact.risk.embed(row))
         return hit
 
+    def _row(self, category: str, op: str, target: str, cls: str, phase: str, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+        """The event's features with its time-delta bucket, and its embedding."""
+        features, embedded = self.features(category, op, target, cls, phase)
+        row = features.copy()
+        row[4] = bucket
+        return row, embedded
+
     def quiet(self, category: str, target: str, cls: str) -> bool:
         """Whether the event is quiet now: every tier allows it (asked of the engine once per
         distinct event) and its category is not revoked in this test."""
@@ -656,7 +663,7 @@ class Manager:
         if known is None:
             if len(self._quiet) > 65536:
                 self._quiet.clear()
-            known = self._quiet[key] = quiet_event(self.engine, category, target, cls)
+            known = self._quiet[key] = self.engine.quiet(category, target, cls)
         return known and bool(is_quiet(True, self.episode.permissions[slot] if slot >= 0 else 0))
 
     def observe(self, category: str, cls: str, risk: float, tags: np.ndarray, quiet: bool = False) -> dict:
@@ -689,16 +696,10 @@ class Manager:
             return ep.config, {"risk": None, "action": "stay", "tier": ep.config.tier}
         if ep.waiting[0]:
             for waiting in zip(*ep.waiting):
-                early, early_embedded = self.features(*waiting[:5])
-                early = early.copy()
-                early[4] = waiting[5]
-                risk_model.defer(ep.risk, early, early_embedded)
+                risk_model.defer(ep.risk, *self._row(*waiting))
             for column in ep.waiting:
                 column.clear()
-        features, embedded = self.features(category, op, target, cls, phase)
-        row = features.copy()
-        row[4] = bucket
-        risk, tags, logit, surprise = risk_model.step(ep.risk, row, embedded)
+        risk, tags, logit, surprise = risk_model.step(ep.risk, *self._row(category, op, target, cls, phase, bucket))
         # The action is a function of the observation alone; this key determines it exactly
         # (the recent-decision bits and the capped event count are finer than what it shows).
         # (bytes: a key creates no object the garbage collector tracks; see RiskRuntime)

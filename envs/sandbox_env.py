@@ -27,7 +27,7 @@ from sandhop.enforcement.engine import PolicyEngine
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, TARGET_CLASSES
 from sandhop.envs import data as envdata, register
 from sandhop.envs.spec import (EFFECTS, N_TIERS, OUTCOMES, PERMISSIONS, EnvSpec, action_mask, apply_action,
-                               is_quiet, outcome_of, push_recent, quiet_event, step_reward)
+                               is_quiet, outcome_of, push_recent, step_reward)
 
 
 def observation_space(spec: EnvSpec) -> spaces.Dict:
@@ -164,7 +164,7 @@ class SandboxManagerEnv(gym.Env):
         u = int(e.event[i])
         if self._quiet[u] < 0:
             category, target, cls = e.targets[u]
-            self._quiet[u] = quiet_event(self.engine, category, target, cls)
+            self._quiet[u] = self.engine.quiet(category, target, cls)
         slot = self._slot[int(e.category[i])]
         quiet = is_quiet(bool(self._quiet[u]), self._permissions[slot] if slot >= 0 else 0)
         return action_mask(np, self.config.level, self._permissions, self.env_spec.n_categories, quiet).astype(np.int8)

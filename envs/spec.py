@@ -223,7 +223,9 @@ def action_mask(xp, level, permissions, n_categories: int, quiet=False):
 def quiet_row(effects: np.ndarray, category) -> np.ndarray:
     """Whether events are quiet, from their decision-table rows [..., tiers, permissions] (effect
     indices) and categories (a name, or an array of names): allowed under every tier, by default
-    and with the category granted, and not a spawn (`NEVER_QUIET`)."""
+    and with the category granted, and not a spawn (`NEVER_QUIET`). The JAX twin reads this of
+    the full table; the Gymnasium env and the runtime ask `PolicyEngine.quiet`, the same rule
+    asked of the engine directly (the two envs are checked against each other step by step)."""
     return (effects[..., :REVOKED] == 0).all(axis=(-2, -1)) & ~np.isin(category, list(NEVER_QUIET))
 
 
@@ -258,14 +260,6 @@ def decision_row(engine: PolicyEngine, category: str, target: str, cls: str, slo
         if not slotted:
             row[level, 1:] = row[level, 0]
     return row
-
-
-def quiet_event(engine: PolicyEngine, category: str, target: str, cls: str) -> bool:
-    """`quiet_row` of the event's `decision_row`, asked of the engine directly (`PolicyEngine.quiet`;
-    the live runtime asks this once per new event). The Gymnasium env, which asks this, and the
-    JAX twin, which reads `quiet_row` of the full table, are checked against each other step by
-    step."""
-    return engine.quiet(category, target, cls)
 
 
 def outcome_of(malicious, effect):

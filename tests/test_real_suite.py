@@ -79,6 +79,12 @@ def test_the_demo_runs_the_chain_writes_its_report_and_reuses_finished_steps(tra
     assert all(f"[{n}/8] {name}: reusing" in second.stdout
                for n, name in enumerate(("record", "dataset", "risk", "agent", "evaluate", "export", "live"), 1))
     assert len(list((out / "traces").glob("suite=*/run-*.parquet"))) == 1
+    # a step made again makes the steps after it again (the report never mixes two runs)
+    (out / "artifact" / "manifest.json").unlink()
+    third = subprocess.run(command, capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "[5/8] evaluate: reusing" in third.stdout and "[6/8] export: the artifact" in third.stdout
+    assert "[7/8] live: markupsafe==3.0.4 plain and under the artifact" in third.stdout
 
 
 def test_probes_are_judged_by_the_audit_log_and_the_attackers_listeners(tmp_path):
