@@ -74,7 +74,7 @@ _MODULES = {
     "test_execution.py": ("reverse-shell", "dropper", "cryptominer", "ctypes-native", "pickle-payload"),
     "test_browser.py": ("browser-token-exfil", "form-jacking", "beacon-exfil"),
     "test_benign.py": ("hn-config-read", "hn-loopback-server", "hn-spawn-git", "hn-spawn-python",
-                       "hn-cache-write", "hn-native-lib", "hn-token-to-loopback"),
+                       "hn-cache-write", "hn-native-lib", "hn-unresolvable-host", "hn-token-to-loopback"),
 }
 PROBES: dict[str, Probe] = {sid: _probe(module, sid) for module, ids in _MODULES.items() for sid in ids}
 # These fire while their module is imported (collected): the events belong to the module's node

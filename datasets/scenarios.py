@@ -115,6 +115,10 @@ POOLS: dict[str, tuple[str, ...]] = {
     "app": ("myapp", "toolkit", "ruff", "pip", "black", "mypy"),
     "test_token": ("API_TOKEN", "TEST_PASSWORD", "FAKE_SECRET_KEY", "GITHUB_TOKEN"),
     "loop_host": ("127.0.0.1", "::1", "localhost"),
+    # error-path tests of HTTP clients: names that never resolve, non-routable addresses that time out
+    "bad_host": ("{word}.invalid", "no-such-host-{word}", "doesnotexist.{word}-test.org", "nonexistent.{word}.test",
+                 "unresolvable-{word}.net"),
+    "tarpit": ("10.255.255.1", "10.255.255.254", "192.168.255.254"),
     "word": ("alpha", "cache", "data", "load", "parse", "roundtrip", "upload", "config"),
     "n": tuple(str(i) for i in range(3, 400, 7)),
     "pid": tuple(str(i) for i in range(1100, 98000, 977)),
@@ -474,6 +478,15 @@ SCENARIOS: tuple[Scenario, ...] = (
         "Benign: ctypes use in tests (time, getpid, find_library)",
         (Step("code.native", "ctypes.dlopen", "{libc}"),
          Step("code.native", "ctypes.dlsym", "getpid")),
+        malicious=False,
+    ),
+    Scenario(
+        "hn-unresolvable-host", "benign",
+        "A test checks its HTTP client's errors: a host name that does not resolve, then a connect to a "
+        "non-routable address that must fail.",
+        "Benign: error-path tests of HTTP clients (requests, urllib3, httpx suites look up names that do not "
+        "exist and connect to a tarpit address for timeouts)",
+        (dns("{bad_host}"), connect("{tarpit}:{web_port}", tags=(), damaging=False)),
         malicious=False,
     ),
     Scenario(

@@ -66,6 +66,23 @@ def test_hn_native_lib():
     assert libc.getpid() == os.getpid()
 
 
+def test_hn_unresolvable_host():
+    # the client's error paths: both must fail the way the test expects, quickly
+    try:
+        socket.getaddrinfo("doesnotexist.probe-check.org", 443)
+    except socket.gaierror as exc:
+        resolved = exc
+    else:
+        resolved = None
+    try:
+        socket.create_connection(("10.255.255.1", 80), timeout=1).close()
+    except OSError as exc:
+        connected = exc
+    else:
+        connected = None
+    assert isinstance(resolved, socket.gaierror) and isinstance(connected, OSError)
+
+
 def test_hn_token_to_loopback(monkeypatch):
     monkeypatch.setenv("API_TOKEN", "test-token-not-a-secret")
     token = os.environ["API_TOKEN"]
