@@ -384,7 +384,6 @@ def test_a_checkpoint_refuses_data_of_another_spec(runs, tmp_path, capsys):
         load_run(out)
 
 
-
 def test_run_specific_parts_of_names_encode_alike_and_meaningful_ones_do_not():
     """A test's temporary file gets a new random name every run (pytest's folders a new number):
     the features, and so the risk, must not move with it."""
