@@ -16,7 +16,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from sandhop.enforcement.engine import TIER_LEVEL, TIERS, PolicyEngine
+from sandhop.enforcement.engine import NEVER_QUIET, TIER_LEVEL, TIERS, PolicyEngine
 from sandhop.envs import data as envdata
 from sandhop.envs.spec import LOCKDOWN, EnvSpec
 
@@ -63,10 +63,21 @@ def quiet(obs: dict) -> bool:
     return not np.asarray(obs["action_mask"])[1:].any()
 
 
+def hop_when_offered(policy: Any, obs: dict, level: int) -> int:
+    """The hop to `level` if the mask offers it now (it changes this event's decision), marking
+    `policy._hopped`; else stay, to try again at the next event."""
+    if obs["action_mask"][1 + level]:
+        policy._hopped = True
+        return 1 + level
+    return STAY
+
+
 class ThresholdRule:
     """Start at the base tier; the first time the risk of an event that is not quiet (the
     manager acts only at those; `sandhop.envs.spec`) reaches `threshold`, hop to `tier` (before
-    that event is decided) and stay there for the rest of the test."""
+    that event is decided, or at the first event after it where the hop is offered: where it
+    changes a decision, the same decisions as hopping at once) and stay there for the rest of the
+    test."""
 
     seed = 0
     name = "threshold"
@@ -85,13 +96,20 @@ class ThresholdRule:
         return f"ThresholdRule(threshold={self.threshold:.4g}, tier={self.tier!r}, base_tier={self.base_tier!r})"
 
     def reset(self, info: dict) -> None:
-        self._hopped = False
+        self._due = self._hopped = False
 
     def act(self, obs: dict) -> int:
-        if self._hopped or obs["risk"][0] < self.threshold or quiet(obs):
+        if self._hopped:
             return STAY
-        self._hopped = True
-        return 1 + self._level if int(obs["tier"]) < self._level else STAY
+        if not self._due:
+            if obs["risk"][0] < self.threshold or quiet(obs):
+                return STAY
+            self._due = True
+            if int(obs["tier"]) >= self._level:
+                self._hopped = True
+                return STAY
+        # The hop is offered where it changes a decision (`spec.decisive`): taken at the first such event.
+        return hop_when_offered(self, obs, self._level)
 
     @classmethod
     def tune(cls, episodes: envdata.Episodes, spec: EnvSpec, *, tiers: Sequence[str] = TUNED_TIERS,
@@ -145,11 +163,19 @@ def threshold_grid(episodes: envdata.Episodes, spec: EnvSpec, *, tiers: Sequence
     position = np.arange(n, dtype=np.int64)
     rows: dict[str, list] = {"threshold": [], "tier": [], "mean_return": [], "tests_broken": [],
                              "attacks_through": []}
+    # the hop to a tier is taken at the first event, at or after the crossing, where it changes the
+    # decision (or a spawn; `spec.decisive`): the tier decides from there, the same decisions as from the crossing
+    spawn = np.isin(episodes.target_categories()[episodes.event], list(NEVER_QUIET))
+    offered = {tier: np.flatnonzero(loud & ((effect[TIER_LEVEL[tier]] != effect[base]) | spawn)) for tier in tiers}
     for threshold in threshold_candidates(episodes.risk[loud], max_candidates):
         first = np.minimum(np.minimum.reduceat(np.where((episodes.risk >= threshold) & loud, position, n), start), end)
         for tier in tiers:
             level = TIER_LEVEL[tier]
-            hop, switch = (first < end, first) if level > base else (np.zeros(len(start), bool), end)
+            at = offered[tier]
+            k = np.searchsorted(at, first)
+            switch = np.where(k < len(at), at[np.minimum(k, len(at) - 1)], n) if len(at) else np.full_like(first, n)
+            switch = np.minimum(switch, end)
+            hop, switch = (switch < end, switch) if level > base else (np.zeros(len(start), bool), end)
             level = max(level, base)
 
             def over(prefix: np.ndarray, stop: np.ndarray) -> np.ndarray:
@@ -187,9 +213,10 @@ def attack_cut(episodes: envdata.Episodes) -> np.ndarray:
 
 class Oracle:
     """Knows the labels: at a test's first malicious event whose decision an action can change
-    (not a quiet one: the mask allows only stay there), it hops to the least strict tier under
+    (not a quiet one: the mask allows only stay there), it chooses the least strict tier under
     which the real engine allows none of the test's malicious events from there on that any tier
-    stops, and stays there. Benign tests run at the base tier (observe) throughout. It reads the
+    stops, hops to it there or at the first event after where the hop is offered (it changes a
+    decision), and stays there. Benign tests run at the base tier (observe) throughout. It reads the
     labels from `env.episodes` (bound with `bind`) and counts its own steps, so it needs no
     private state of the env."""
 
@@ -201,7 +228,8 @@ class Oracle:
         self._episodes: envdata.Episodes | None = None
         self._engine: PolicyEngine | None = None
         self._i = self._end = 0
-        self._done = False
+        self._done = self._hopped = False
+        self._level: int | None = None
 
     def bind(self, env: Any) -> None:
         self._episodes, self._engine = env.episodes, env.engine
@@ -213,21 +241,30 @@ class Oracle:
         episode = int(info["episode"])
         self._i = int(self._episodes.start[episode])
         self._end = self._i + int(self._episodes.length[episode])
-        self._done = False
+        self._done = self._hopped = False
+        self._level: int | None = None
 
     def act(self, obs: dict) -> int:
         i, self._i = self._i, self._i + 1
         e = self._episodes
+        if self._level is not None and not self._hopped:
+            return hop_when_offered(self, obs, self._level)
         if self._done or not e.malicious[i] or quiet(obs):
             return STAY
         self._done = True
+        self._level = self._choose(i, int(obs["tier"]))
+        return STAY if self._level is None else hop_when_offered(self, obs, self._level)
+
+    def _choose(self, i: int, current: int) -> int | None:
+        """The least strict tier from `current` on that stops every malicious event of the test
+        from `i` on that any tier stops (None: `current` already does, or none does)."""
+        e = self._episodes
 
         def allowed(j: int, level: int) -> bool:
             category, target, cls = e.targets[int(e.event[j])]
             return self._engine.decide_target(category, target, cls, self._configs[level]).effect == "allow"
         stoppable = [j for j in range(i, self._end) if e.malicious[j] and not allowed(j, LOCKDOWN)]
-        current = int(obs["tier"])
         for level in range(current, LOCKDOWN + 1):
             if not any(allowed(j, level) for j in stoppable):
-                return STAY if level == current else 1 + level
-        return STAY
+                return None if level == current else level
+        return None

@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, TARGET_CLASSES
-from sandhop.envs.spec import N_TIERS, EnvSpec
+from sandhop.envs.spec import ALERT_CAP, N_TIERS, EnvSpec
 
 
 class Inputs(NamedTuple):
     """A policy's view of an observation: the dense part (risk, tags, recent counts, progress,
-    and per category whether it is granted or revoked) and one row index per categorical part
+    alerts, and per category whether it is granted or revoked) and one row index per categorical part
     (category, target class, tier) into one embedding table. Gathering three rows costs a
     fraction of the one-hot matmul they equal (86 columns); the permissions stay dense, as 18
     more gathers per step cost three times the whole rest of a minibatch's gradient on a CPU."""
@@ -26,7 +26,7 @@ class Inputs(NamedTuple):
 
 def input_sizes(spec: EnvSpec) -> tuple[int, int]:
     """(dense inputs, rows of the embedding table)."""
-    return 1 + len(INFERRED_TAGS) + 2 + 1 + 2 * spec.n_categories, len(CATEGORIES) + len(TARGET_CLASSES) + N_TIERS
+    return 1 + len(INFERRED_TAGS) + 2 + 1 + 1 + 2 * spec.n_categories, len(CATEGORIES) + len(TARGET_CLASSES) + N_TIERS
 
 
 def policy_inputs(xp, obs: dict, spec: EnvSpec) -> Inputs:
@@ -34,6 +34,7 @@ def policy_inputs(xp, obs: dict, spec: EnvSpec) -> Inputs:
     dense = xp.concatenate([obs["risk"].astype(xp.float32), obs["tags"].astype(xp.float32),
                             obs["recent"].astype(xp.float32) / xp.float32(spec.recent_window),
                             obs["progress"].astype(xp.float32),
+                            xp.asarray(obs["alerts"]).astype(xp.float32)[..., None] / xp.float32(ALERT_CAP),
                             (permissions == 1).astype(xp.float32), (permissions == 2).astype(xp.float32)], axis=-1)
     o_class = len(CATEGORIES)
     o_tier = o_class + len(TARGET_CLASSES)

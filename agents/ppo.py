@@ -337,13 +337,22 @@ def make_train(config: PPOConfig, env: JaxSandboxEnv):
         value_loss = 0.5 * jnp.maximum((v - targets) ** 2, (v_clipped - targets) ** 2).mean()
         log_ratio = log_prob - traj.log_prob
         ratio = jnp.exp(log_ratio)
-        adv = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        policy_loss = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - hp["clip_eps"], 1 + hp["clip_eps"]) * adv).mean()
-        entropy = -(jnp.exp(log_probs) * log_probs).sum(-1).mean()
+        # The policy terms average over the steps with a choice: at a quiet event only `stay` is
+        # valid, and counting those (nine in ten steps) would shrink the policy's gradient tenfold
+        # and skew the advantages' normalisation towards steps that cannot act.
+        choice = (traj.mask.sum(-1) > 1).astype(jnp.float32)
+        n = jnp.maximum(choice.sum(), 1.0)
+
+        def mean(x):
+            return (x * choice).sum() / n
+        adv_mean = mean(advantages)
+        adv = (advantages - adv_mean) / (jnp.sqrt(mean((advantages - adv_mean) ** 2)) + 1e-8)
+        policy_loss = -mean(jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - hp["clip_eps"], 1 + hp["clip_eps"]) * adv))
+        entropy = mean(-(jnp.exp(log_probs) * log_probs).sum(-1))
         total = policy_loss + hp["vf_coef"] * value_loss - hp["ent_coef"] * entropy
         return total, {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy,
-                       "approx_kl": ((ratio - 1) - log_ratio).mean(),
-                       "clipfrac": (jnp.abs(ratio - 1) > hp["clip_eps"]).mean()}
+                       "approx_kl": mean((ratio - 1) - log_ratio),
+                       "clipfrac": mean((jnp.abs(ratio - 1) > hp["clip_eps"]).astype(jnp.float32))}
 
     def update(runner: Runner, hp: dict, env_params: EnvParams):
         runner, traj, stats = rollout(runner, env_params)

@@ -39,12 +39,12 @@ import numpy as np
 
 from sandhop.agents.features import N_FIXED, PAD, FeatureError, FeatureSpec, dt_bucket_one
 from sandhop.agents.network import Inputs, actor, normalize
-from sandhop.enforcement.engine import TIERS, PolicyEngine, SandboxConfig
+from sandhop.enforcement.engine import NEVER_QUIET, TIERS, PolicyEngine, SandboxConfig
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, PHASES, TARGET_CLASSES
-from sandhop.envs.spec import (GRANTED, PROGRESS_EVENTS, REVOKED, EnvSpec, action_mask, apply_action, is_quiet,
-                               progress_of, push_recent)
+from sandhop.envs.spec import (ALERT_CAP, GRANTED, PROGRESS_EVENTS, REVOKED, EnvSpec, action_mask, add_alert,
+                               apply_action, decision_row, decisive, is_quiet, progress_of, push_recent)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: the policy reads `alerts`, and acts where an action changes the decision
 ROTARY_TABLE = 1 << 15   # positions whose rotary angles are kept in a table (a few MB at most)
 MANIFEST = "manifest.json"
 RISK_FILE, POLICY_FILE = "risk.safetensors", "policy.safetensors"
@@ -458,27 +458,23 @@ class PolicyRuntime:
         self._window = np.float32(spec.recent_window)
         self._o_class, self._o_tier = len(CATEGORIES), len(CATEGORIES) + len(TARGET_CLASSES)
         self._n_tags = len(INFERRED_TAGS)
-        self._masks: dict[bytes, np.ndarray] = {}
 
     def act_fast(self, risk: float, tags: np.ndarray, category: int, cls: int, level: int, permissions: np.ndarray,
-                 denied: int, redirected: int, progress) -> int:
-        """The greedy action for the observation's parts, without building the observation (it
-        assembles the inputs `network.policy_inputs` would, in the same float32 steps; the
-        tests compare the actions with the JAX policy's). No value head."""
+                 denied: int, redirected: int, progress, alerts: int, mask: np.ndarray) -> int:
+        """The greedy action for the observation's parts and the action mask, without building
+        the observation (it assembles the inputs `network.policy_inputs` would, in the same
+        float32 steps; the tests compare the actions with the JAX policy's). No value head."""
         t, k = self._n_tags, self.spec.n_categories
-        dense = np.empty(4 + t + 2 * k, np.float32)
+        dense = np.empty(5 + t + 2 * k, np.float32)
         dense[0] = risk
         dense[1:1 + t] = tags
         dense[1 + t] = np.float32(denied) / self._window
         dense[2 + t] = np.float32(redirected) / self._window
         dense[3 + t] = progress
-        dense[4 + t:4 + t + k] = permissions == 1
-        dense[4 + t + k:] = permissions == 2
+        dense[4 + t] = np.float32(alerts) / np.float32(ALERT_CAP)
+        dense[5 + t:5 + t + k] = permissions == 1
+        dense[5 + t + k:] = permissions == 2
         index = np.array([category, cls + self._o_class, min(level, len(TIERS) - 1) + self._o_tier], np.int32)
-        key = level.to_bytes(2, "little") + permissions.tobytes()
-        mask = self._masks.get(key)
-        if mask is None:
-            mask = self._masks[key] = action_mask(np, level, permissions, k).astype(bool)
         inputs = normalize(np, self.norm, Inputs(dense, index), self.normalize_obs)
         return int(np.argmax(actor(np, self.params, inputs, mask)[0]))
 
@@ -595,6 +591,7 @@ class _Episode:
     events: int = 0
     quiet: int = 0      # events on the fast path (not scored, no action)
     actions: int = 0
+    alerts: int = 0     # the observation's `alerts` (spec.add_alert)
     max_risk: float = 0.0
     steps: list = field(default_factory=list)
     # quiet events not yet encoded: (category, op, target, class, phase) and the time-delta
@@ -625,6 +622,8 @@ class Manager:
         self._features: dict[tuple, tuple] = {}
         self._actions: dict[bytes, int] = {}
         self._quiet: dict[str, bool] = {}
+        self._rows: dict[str, np.ndarray] = {}
+        self._configs: dict = {}
         self._slots = self.spec.category_slots()
         self.events = self.quiet_events = 0
 
@@ -666,15 +665,33 @@ class Manager:
             known = self._quiet[key] = self.engine.quiet(category, target, cls)
         return known and bool(is_quiet(True, self.episode.permissions[slot] if slot >= 0 else 0))
 
-    def observe(self, category: str, cls: str, risk: float, tags: np.ndarray, quiet: bool = False) -> dict:
+    def mask(self, category: str, target: str, cls: str, quiet: bool = False) -> np.ndarray:
+        """bool [A]: the valid actions at the event (`spec.action_mask`; at one that is not quiet,
+        those that change its decision, `spec.decisive`, from its effects under every tier and
+        permission, asked of the engine once per distinct event)."""
+        ep = self.episode
+        level = min(ep.config.level, len(TIERS) - 1)   # a custom tier may rank above lockdown
+        mask = action_mask(np, level, ep.permissions, self.spec.n_categories, quiet)
+        if quiet:
+            return mask
+        key = f"{category}\0{cls}\0{target}"
+        slot = int(self._slots[self.cat_index[category]])
+        row = self._rows.get(key)
+        if row is None:
+            if len(self._rows) > 65536:
+                self._rows.clear()
+            row = self._rows[key] = decision_row(self.engine, category, target, cls, slot >= 0, self._configs)
+        return mask & decisive(np, row, level, ep.permissions, slot, category in NEVER_QUIET)
+
+    def observe(self, category: str, cls: str, risk: float, tags: np.ndarray, mask: np.ndarray) -> dict:
         ep = self.episode
         level = ep.config.level
         return {"risk": np.array([risk], np.float32), "tags": tags,
                 "category": np.int64(self.cat_index[category]), "target_class": np.int64(self.cls_index[cls]),
                 "tier": np.int64(min(level, len(TIERS) - 1)), "permissions": ep.permissions.copy(),
                 "recent": np.array([int(ep.denied).bit_count(), int(ep.redirected).bit_count()], np.int64),
-                "progress": np.array([progress_of(ep.events)], np.float32),
-                "action_mask": action_mask(np, level, ep.permissions, self.spec.n_categories, quiet).astype(np.int8)}
+                "progress": np.array([progress_of(ep.events)], np.float32), "alerts": np.int64(ep.alerts),
+                "action_mask": mask.astype(np.int8)}
 
     def event(self, category: str, op: str, target: str, cls: str, phase: str, t_ns: int) -> tuple[SandboxConfig, dict]:
         """The config this event is decided under, and what the models said (for the audit):
@@ -686,7 +703,8 @@ class Manager:
             if self.keep_steps:
                 nan = np.full(len(INFERRED_TAGS), np.nan, np.float32)
                 ep.steps.append({"risk": None, "action": "stay", "tier": ep.config.tier, "quiet": True,
-                                 "obs": self.observe(category, cls, np.nan, nan, quiet=True)})
+                                 "obs": self.observe(category, cls, np.nan, nan,
+                                                     self.mask(category, target, cls, quiet=True))})
             for column, value in zip(ep.waiting, (category, op, target, cls, phase, bucket)):
                 column.append(value)
             ep.events += 1
@@ -703,15 +721,17 @@ class Manager:
         # The action is a function of the observation alone; this key determines it exactly
         # (the recent-decision bits and the capped event count are finer than what it shows).
         # (bytes: a key creates no object the garbage collector tracks; see RiskRuntime)
-        key = b"".join((struct.pack("<dqqqq", risk, ep.config.level, int(ep.denied), int(ep.redirected),
-                                    min(ep.events, PROGRESS_EVENTS)), tags.tobytes(), ep.permissions.tobytes(),
-                        f"{category}\0{cls}".encode()))
-        obs = self.observe(category, cls, risk, tags) if self.keep_steps else None
+        mask = self.mask(category, target, cls)
+        key = b"".join((struct.pack("<dqqqqq", risk, ep.config.level, int(ep.denied), int(ep.redirected),
+                                    min(ep.events, PROGRESS_EVENTS), ep.alerts), tags.tobytes(), ep.permissions.tobytes(),
+                        mask.tobytes(), f"{category}\0{cls}".encode()))
+        obs = self.observe(category, cls, risk, tags, mask) if self.keep_steps else None
         action = self._actions.get(key)
         if action is None:
             action = self.artifact.policy.act_fast(risk, tags, self.cat_index[category], self.cls_index[cls],
                                                    ep.config.level, ep.permissions, int(ep.denied).bit_count(),
-                                                   int(ep.redirected).bit_count(), progress_of(ep.events))
+                                                   int(ep.redirected).bit_count(), progress_of(ep.events), ep.alerts,
+                                                   mask)
             if len(self._actions) > 65536:
                 self._actions.clear()
             self._actions[key] = action
@@ -719,6 +739,7 @@ class Manager:
             ep.config, _, _ = apply_action(self.engine, ep.config, ep.permissions, action, self.spec)
             ep.actions += 1
         ep.events += 1
+        ep.alerts = int(add_alert(np, np.int64(ep.alerts), np.float32(risk), False))
         ep.max_risk = max(ep.max_risk, risk)
         self.events += 1
         said = {"risk": risk, "action": self.actions[action], "tier": ep.config.tier}

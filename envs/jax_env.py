@@ -26,11 +26,11 @@ import numpy as np
 from flax import struct
 from gymnasium.vector import AutoresetMode
 
-from sandhop.enforcement.engine import PolicyEngine
+from sandhop.enforcement.engine import NEVER_QUIET, PolicyEngine
 from sandhop.enforcement.events import CATEGORIES, TARGET_CLASSES
 from sandhop.envs import data as envdata
-from sandhop.envs.spec import (N_TIERS, PERMISSIONS, EnvSpec, action_mask, flat_observation, is_quiet, outcome_of,
-                               push_recent, step_reward)
+from sandhop.envs.spec import (N_TIERS, PERMISSIONS, EnvSpec, action_mask, add_alert, decisive, flat_observation,
+                               is_quiet, outcome_of, push_recent, step_reward)
 
 
 @struct.dataclass
@@ -43,12 +43,14 @@ class EnvState:
     permissions: jax.Array   # int32 [K]
     denied: jax.Array        # uint32: bit window of recent denials
     redirected: jax.Array    # uint32
+    alerts: jax.Array        # int32: earlier events not quiet with risk >= ALERT_RISK (capped)
     rng: jax.Array           # uint32: counter of the episode stream
 
 
 # EnvParams.meta packs per event: category (bits 0-4), target class (5-10), malicious (11),
 # permission slot + 1 (12-17; 0: the category has no grant/revoke action), damaging (18), quiet (19).
 _CLASS_SHIFT, _MALICIOUS_SHIFT, _SLOT_SHIFT, _DAMAGING_SHIFT, _QUIET_SHIFT = 5, 11, 12, 18, 19
+_SPAWN = np.isin(np.array(CATEGORIES), list(NEVER_QUIET))   # by category index: every action counts there
 
 
 @struct.dataclass
@@ -144,7 +146,7 @@ class JaxSandboxEnv:
         return EnvState(episode=episode, start=params.start[episode], length=params.length[episode],
                         t=jnp.int32(0), level=params.base_level,
                         permissions=jnp.zeros((self.spec.n_categories,), jnp.int32), denied=jnp.uint32(0),
-                        redirected=jnp.uint32(0), rng=rng)
+                        redirected=jnp.uint32(0), alerts=jnp.int32(0), rng=rng)
 
     @staticmethod
     def _draw(rng: jax.Array, params: EnvParams) -> jax.Array:
@@ -163,15 +165,25 @@ class JaxSandboxEnv:
             "recent": jnp.stack([jax.lax.population_count(state.denied),
                                  jax.lax.population_count(state.redirected)]).astype(jnp.int32),
             "progress": jnp.where(state.t >= state.length, jnp.float32(1.0), floats[-1:]),
-            "action_mask": self._mask(state, meta).astype(jnp.int8),
+            "alerts": state.alerts,
+            "action_mask": self._mask(state, meta, params.decisions[i]).astype(jnp.int8),
         }
 
-    def _mask(self, state: EnvState, meta: jax.Array) -> jax.Array:
-        """The valid actions at the event with this meta word (only stay at a quiet one)."""
+    def _quiet(self, state: EnvState, meta: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(whether the event with this meta word is quiet now, its category's permission slot)."""
         slot = ((meta >> _SLOT_SHIFT) & 63).astype(jnp.int32) - 1
         permission = jnp.where(slot >= 0, state.permissions[jnp.maximum(slot, 0)], 0)
-        quiet = is_quiet(((meta >> _QUIET_SHIFT) & 1).astype(bool), permission)
-        return action_mask(jnp, state.level, state.permissions, self.spec.n_categories, quiet)
+        return is_quiet(((meta >> _QUIET_SHIFT) & 1).astype(bool), permission), slot
+
+    def _mask(self, state: EnvState, meta: jax.Array, decisions: jax.Array) -> jax.Array:
+        """The valid actions at the event with this meta word and packed decision row (only
+        stay at a quiet one; elsewhere those that change its decision, `spec.decisive`)."""
+        quiet, slot = self._quiet(state, meta)
+        row = ((decisions >> (2 * jnp.arange(N_TIERS * len(PERMISSIONS), dtype=jnp.uint32))) & 3).reshape(
+            N_TIERS, len(PERMISSIONS))
+        spawn = jnp.asarray(_SPAWN)[meta & 31]
+        return action_mask(jnp, state.level, state.permissions, self.spec.n_categories, quiet) \
+            & decisive(jnp, row, state.level, state.permissions, slot, spawn)
 
     def step_env(self, state: EnvState, action: jax.Array, params: EnvParams):
         """One event, without autoreset: (obs, state, reward, terminated, truncated, info)."""
@@ -198,7 +210,8 @@ class JaxSandboxEnv:
         action = jnp.asarray(action, jnp.int32)
         i = state.start + state.t
         meta = params.meta[i]
-        mask = self._mask(state, meta)
+        mask = self._mask(state, meta, params.decisions[i])
+        alerts = add_alert(jnp, state.alerts, params.floats[i, 0], self._quiet(state, meta)[0])
         valid = (action >= 0) & (action < self.n_actions) & mask[jnp.clip(action, 0, self.n_actions - 1)]
         action = jnp.where(valid, action, 0)
         hopped = (action >= 1) & (action <= N_TIERS)
@@ -220,7 +233,7 @@ class JaxSandboxEnv:
         t = state.t + 1
         terminated = t >= state.length
         truncated = ~terminated & (params.max_steps > 0) & (t >= params.max_steps)
-        new = state.replace(t=t, level=level, permissions=permissions,
+        new = state.replace(t=t, level=level, permissions=permissions, alerts=alerts,
                             denied=push_recent(jnp, state.denied, effect == 2, self.spec.recent_window),
                             redirected=push_recent(jnp, state.redirected, effect == 1, self.spec.recent_window))
         info = {"effect": effect, "outcome": outcome, "malicious": malicious, "invalid_action": ~valid,

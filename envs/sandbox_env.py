@@ -23,11 +23,11 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 
-from sandhop.enforcement.engine import PolicyEngine
+from sandhop.enforcement.engine import NEVER_QUIET, PolicyEngine
 from sandhop.enforcement.events import CATEGORIES, INFERRED_TAGS, TARGET_CLASSES
 from sandhop.envs import data as envdata, register
-from sandhop.envs.spec import (EFFECTS, N_TIERS, OUTCOMES, PERMISSIONS, EnvSpec, action_mask, apply_action,
-                               is_quiet, outcome_of, push_recent, step_reward)
+from sandhop.envs.spec import (ALERT_CAP, EFFECTS, N_TIERS, OUTCOMES, PERMISSIONS, EnvSpec, action_mask, apply_action,
+                               add_alert, decision_row, decisive, is_quiet, outcome_of, push_recent, step_reward)
 
 
 def observation_space(spec: EnvSpec) -> spaces.Dict:
@@ -40,6 +40,7 @@ def observation_space(spec: EnvSpec) -> spaces.Dict:
         "permissions": spaces.MultiDiscrete([len(PERMISSIONS)] * spec.n_categories),
         "recent": spaces.MultiDiscrete([spec.recent_window + 1] * 2),
         "progress": spaces.Box(0.0, 1.0, (1,), np.float32),
+        "alerts": spaces.Discrete(ALERT_CAP + 1),
         "action_mask": spaces.MultiBinary(spec.n_actions),
     })
 
@@ -74,8 +75,11 @@ class SandboxManagerEnv(gym.Env):
         self._damage_cost = np.float32(self.env_spec.damaging_allowed)
         self._episode = -1
         self._last: dict = {}
-        # per distinct event: 1 quiet, 0 not, -1 not yet asked (the engine decides it once)
+        # per distinct event: 1 quiet, 0 not, -1 not yet asked (the engine decides it once), and
+        # its effect under every (tier, permission) once it was not quiet (`spec.decision_row`)
         self._quiet = np.full(len(self.episodes.targets), -1, np.int8)
+        self._rows: dict[int, np.ndarray] = {}
+        self._configs: dict = {}
 
     # ------------------------------------------------------------------ Gymnasium API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -95,6 +99,7 @@ class SandboxManagerEnv(gym.Env):
         self._permissions = np.zeros(self.env_spec.n_categories, np.int64)
         self._denied = np.uint32(0)
         self._redirected = np.uint32(0)
+        self._alerts = np.int64(0)
         self._last = {}
         self._mask = self._compute_mask()
         suite, run_id, test_id = self.episodes.keys[episode]
@@ -107,13 +112,15 @@ class SandboxManagerEnv(gym.Env):
         if self._t >= self._length:
             raise RuntimeError("the episode is over; call reset()")
         action = int(action)
-        level = self.config.level
         valid = 0 <= action < self.env_spec.n_actions and bool(self._mask[action])
+        i = self._start + self._t
+        slot = self._slot[int(self.episodes.category[i])]
+        quiet_now = is_quiet(bool(self._quiet[int(self.episodes.event[i])]), self._permissions[slot] if slot >= 0 else 0)
+        self._alerts = add_alert(np, self._alerts, self.episodes.risk[i], quiet_now)
         hopped = changed = False
         if valid:
             self.config, hopped, changed = apply_action(self.engine, self.config, self._permissions, action,
                                                         self.env_spec)
-        i = self._start + self._t
         category, target, cls = self.episodes.targets[int(self.episodes.event[i])]
         decision = self.engine.decide_target(category, target, cls, self.config)
         effect = EFFECTS.index(decision.effect)
@@ -167,7 +174,15 @@ class SandboxManagerEnv(gym.Env):
             self._quiet[u] = self.engine.quiet(category, target, cls)
         slot = self._slot[int(e.category[i])]
         quiet = is_quiet(bool(self._quiet[u]), self._permissions[slot] if slot >= 0 else 0)
-        return action_mask(np, self.config.level, self._permissions, self.env_spec.n_categories, quiet).astype(np.int8)
+        mask = action_mask(np, self.config.level, self._permissions, self.env_spec.n_categories, quiet)
+        if quiet:
+            return mask.astype(np.int8)
+        row = self._rows.get(u)
+        if row is None:
+            category, target, cls = e.targets[u]
+            row = self._rows[u] = decision_row(self.engine, category, target, cls, slot >= 0, self._configs)
+        spawn = e.targets[u][0] in NEVER_QUIET
+        return (mask & decisive(np, row, self.config.level, self._permissions, slot, spawn)).astype(np.int8)
 
     def _observation(self) -> dict:
         e = self.episodes
@@ -182,6 +197,7 @@ class SandboxManagerEnv(gym.Env):
             "permissions": self._permissions.copy(),
             "recent": np.array([int(self._denied).bit_count(), int(self._redirected).bit_count()], np.int64),
             "progress": np.array([1.0 if done else e.progress[i]], np.float32),
+            "alerts": np.int64(self._alerts),
             "action_mask": self.action_masks(),
         }
 

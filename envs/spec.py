@@ -33,7 +33,13 @@ Observation (a `Dict`): `risk` [1] and `tags` [T] of the current event (T = infe
 `permissions` [K] (0 tier default, 1 granted, 2 revoked), `recent` [2] (denied and redirected
 events among the last `recent_window` decided ones), `progress` [1] (events decided so far over
 `PROGRESS_EVENTS`, at most 1: causal, so a live enforcer that cannot know a test's length computes
-it too) and `action_mask` [A].
+it too), `alerts` (earlier events of the test, not quiet, with risk at least `ALERT_RISK`, at
+most `ALERT_CAP`: what the test did before, so a lookup after reconnaissance reads otherwise than
+one that opens a test) and `action_mask` [A].
+
+Actions are offered where they change the current event's decision (`decisive`), so an
+escalation comes at the moment it matters; `alerts` carries the history an earlier escalation
+would otherwise have had to stand for.
 
 Reward: minus the cost of the step's outcome (malicious step allowed; benign step denied or
 redirected), minus the tier's per-step overhead, minus the cost of a hop or a permission change.
@@ -59,7 +65,9 @@ LOCKDOWN = TIER_LEVEL["lockdown"]
 N_TIERS = len(TIERS)
 PROGRESS_EVENTS = 128   # progress saturates here (where training cuts long tests)
 OBS_KEYS: tuple[str, ...] = ("risk", "tags", "category", "target_class", "tier", "permissions", "recent",
-                             "progress", "action_mask")
+                             "progress", "alerts", "action_mask")
+ALERT_RISK = 0.5   # a calibrated risk model's "more likely malicious than not"
+ALERT_CAP = 8
 
 
 class EnvError(ValueError):
@@ -220,6 +228,22 @@ def action_mask(xp, level, permissions, n_categories: int, quiet=False):
     return xp.concatenate([stay, hops, grants, revokes])
 
 
+def decisive(xp, row, level, permissions, slot, spawn=False):
+    """Which actions change the current event's decision: stay; hops to a tier that decides it
+    otherwise; a grant or revocation of its own category that does. `row` holds the event's effect
+    under every (tier, permission of its category) (`decision_row`), `slot` its category's
+    permission slot (-1: none). At a spawn (`spawn`) every action counts: the child starts under
+    the config. Combined with `action_mask`: the manager escalates at the moment an escalation
+    changes a decision, which loses nothing (until then every decision is the same either way,
+    and it sees more by then) and leaves no act whose effect comes only later to learn."""
+    k = permissions.shape[-1]
+    perm = xp.where(slot >= 0, permissions[xp.maximum(slot, 0)], 0)
+    now = row[level, perm]
+    own = (xp.arange(k) == slot) & (slot >= 0)
+    return xp.concatenate([xp.ones((1,), bool), (row[:, perm] != now) | spawn,
+                           (own & (row[level, GRANTED] != now)) | spawn, (own & (row[level, REVOKED] != now)) | spawn])
+
+
 def quiet_row(effects: np.ndarray, category) -> np.ndarray:
     """Whether events are quiet, from their decision-table rows [..., tiers, permissions] (effect
     indices) and categories (a name, or an array of names): allowed under every tier, by default
@@ -275,6 +299,13 @@ def step_reward(xp, costs, overhead, outcome, level, hopped, changed, hop_cost, 
             - xp.where(changed, permission_cost, zero) - xp.where(damaging & (outcome == 3), damage_cost, zero))
 
 
+def add_alert(xp, alerts, risk, quiet):
+    """`alerts` after an event: one more if it was not quiet and its risk reached `ALERT_RISK`
+    (quiet events are not scored live: the runtime's fast path), at most `ALERT_CAP`."""
+    hit = (~xp.asarray(quiet, bool)) & (xp.asarray(risk) >= ALERT_RISK)
+    return xp.minimum(alerts + hit.astype(alerts.dtype), ALERT_CAP).astype(alerts.dtype)
+
+
 def push_recent(xp, bits, hit, window: int):
     """Shift one decided event into a bit window of the last `window` events."""
     mask = xp.uint32((1 << window) - 1)
@@ -290,13 +321,14 @@ def flat_observation(xp, obs: Mapping, spec: EnvSpec):
              onehot(obs["category"], len(CATEGORIES)), onehot(obs["target_class"], len(TARGET_CLASSES)),
              onehot(obs["tier"], N_TIERS),
              onehot(obs["permissions"], len(PERMISSIONS)).reshape(*obs["permissions"].shape[:-1], -1),
-             obs["recent"].astype(xp.float32) / xp.float32(spec.recent_window), obs["progress"].astype(xp.float32)]
+             obs["recent"].astype(xp.float32) / xp.float32(spec.recent_window), obs["progress"].astype(xp.float32),
+             xp.asarray(obs["alerts"]).astype(xp.float32)[..., None] / xp.float32(ALERT_CAP)]
     return xp.concatenate(parts, axis=-1)
 
 
 def flat_size(spec: EnvSpec) -> int:
     return (1 + len(INFERRED_TAGS) + len(CATEGORIES) + len(TARGET_CLASSES) + N_TIERS
-            + len(PERMISSIONS) * spec.n_categories + 2 + 1)
+            + len(PERMISSIONS) * spec.n_categories + 2 + 1 + 1)
 
 
 def progress_of(position):

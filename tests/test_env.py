@@ -44,16 +44,21 @@ def sample(episodes: envdata.Episodes, n: int, seed: int = 0) -> list[int]:
     return picked + rng.choice(benign, size=n - len(picked), replace=False).tolist()
 
 
-def planned(plan: dict[int, int]):
-    """A policy that takes each planned action at its step, or as soon after as the mask allows
-    it (the mask allows only stay at quiet events)."""
-    queue = sorted(plan.items())
+def planned(plan: dict[int, str], names: list[str]):
+    """A policy that takes each planned action (an action name, or a prefix such as "revoke:"
+    for any of them) from its step on, as soon as the mask offers it (only stay at quiet events;
+    elsewhere the actions that change the event's decision)."""
+    todo: list = []
 
     def policy(obs, t):
         if t == 0:
-            queue[:] = sorted(plan.items())
-        if queue and queue[0][0] <= t and obs["action_mask"][queue[0][1]]:
-            return queue.pop(0)[1]
+            todo[:] = sorted(plan.items())
+        for item in todo:
+            step, want = item
+            offered = [i for i, n in enumerate(names) if n.startswith(want) and obs["action_mask"][i]]
+            if step <= t and offered:
+                todo.remove(item)
+                return offered[0]
         return 0
     return policy
 
@@ -113,6 +118,20 @@ def until_not_quiet(env: SandboxManagerEnv, obs: dict) -> dict:
     return obs
 
 
+def current(env: SandboxManagerEnv) -> tuple[str, str, str]:
+    """(category, target, class) of the event the env shows now."""
+    e = env.episodes
+    return e.targets[int(e.event[env._start + env._t])]
+
+
+def until_offered(env: SandboxManagerEnv, obs: dict, action: int) -> dict:
+    """Stay until the mask offers `action`."""
+    while not obs["action_mask"][action]:
+        obs, _, terminated, truncated, _ = env.step(0)
+        assert not (terminated or truncated), "the episode ended before the action was offered"
+    return obs
+
+
 def test_masks_are_respected():
     env = SandboxManagerEnv(split="val", dataset="small", base_tier="low")
     names = env.env_spec.action_names()
@@ -121,23 +140,62 @@ def test_masks_are_respected():
     obs = until_not_quiet(env, obs)
     mask = obs["action_mask"]
     assert mask[0] == 1
-    assert [mask[names.index(f"hop:{t}")] for t in TIERS] == [0, 0, 1, 1, 1]  # only escalation
-    obs, *_, info = env.step(names.index("hop:lockdown"))
-    assert info["tier"] == "lockdown" and not info["invalid_action"]
-    obs = until_not_quiet(env, obs)
+    category, target, cls = current(env)
+    now = env.engine.decide_target(category, target, cls, env.config).effect
+    # only escalations, and only to tiers that decide this event otherwise
+    assert [mask[names.index(f"hop:{t}")] for t in TIERS] == [
+        int(TIERS.index(t) > TIERS.index("low") and (category == "proc.spawn" or env.engine.decide_target(
+            category, target, cls, env.engine.config(t)).effect != now)) for t in TIERS]
+    lockdown = names.index("hop:lockdown")
+    obs = until_offered(env, obs, lockdown)
+    obs, _, terminated, truncated, info = env.step(lockdown)
+    assert info["tier"] == "lockdown" and not info["invalid_action"] and not (terminated or truncated)
     mask = obs["action_mask"]
     assert not any(mask[1:1 + N_TIERS])                                   # lockdown is one-way
     assert not any(mask[names.index(f"grant:{c}")] for c in env.env_spec.categories)  # no grants in lockdown
-    assert all(mask[names.index(f"revoke:{c}")] for c in env.env_spec.categories)
     obs, *_, info = env.step(names.index("hop:low"))                      # a masked action: stays
     assert info["invalid_action"] and info["tier"] == "lockdown" and info["action"] == "stay"
     # a revoked category cannot be revoked again, and is shown in the observation
     obs, _ = env.reset(options={"episode": episode})
-    obs = until_not_quiet(env, obs)
-    k = env.env_spec.categories.index("fs.read")
-    obs, *_ = env.step(names.index("revoke:fs.read"))
-    assert obs["permissions"][k] == 2 and obs["action_mask"][names.index("revoke:fs.read")] == 0
-    assert "fs.read" in env.config.revocations
+    revokes = [names.index(f"revoke:{c}") for c in env.env_spec.categories]
+    while not obs["action_mask"][revokes].any():
+        obs, *_ = env.step(0)
+    revoke = revokes[int(np.flatnonzero(obs["action_mask"][revokes])[0])]
+    k = revokes.index(revoke)
+    obs, *_ = env.step(revoke)
+    assert obs["permissions"][k] == 2 and obs["action_mask"][revoke] == 0
+    assert env.env_spec.categories[k] in env.config.revocations
+
+
+def test_actions_are_offered_where_they_change_the_decision(test_split):
+    """Beyond the quiet events, the mask offers an action exactly where taking it would change
+    the event's decision (asked of the engine, action by action), or at a spawn (the child starts
+    under the config); random valid actions visit tiers, grants and revocations."""
+    from sandhop.envs.spec import action_mask, apply_action
+    env = SandboxManagerEnv(episodes=test_split, base_tier="observe")
+    spec, engine = env.env_spec, env.engine
+    names = spec.action_names()
+    rng = np.random.default_rng(0)
+    checked = offered = 0
+    for e in sample(test_split, 24, seed=5):
+        obs, _ = env.reset(options={"episode": e})
+        done = False
+        while not done:
+            mask = obs["action_mask"]
+            category, target, cls = current(env)
+            if mask[1:].any() or category == "proc.spawn":
+                now = engine.decide_target(category, target, cls, env.config).effect
+                valid = action_mask(np, env.config.level, env._permissions, spec.n_categories)
+                for a in range(1, spec.n_actions):
+                    config, _, _ = apply_action(engine, env.config, env._permissions.copy(), a, spec)
+                    changes = engine.decide_target(category, target, cls, config).effect != now
+                    assert mask[a] == (valid[a] and (changes or category == "proc.spawn")), names[a]
+                    checked += 1
+                    offered += int(mask[a])
+            action = int(rng.choice(np.flatnonzero(mask))) if rng.random() < 0.3 else 0
+            obs, _, terminated, truncated, _ = env.step(action)
+            done = terminated or truncated
+    assert checked > 500 and 0 < offered < checked
 
 
 def test_quiet_events_allow_only_stay_and_every_tier_allows_them(test_split):
@@ -267,6 +325,25 @@ def test_twin_vmaps_jits_and_autoresets(test_split):
     assert t.max() <= 16 and not np.asarray(invalid).any()
 
 
+def test_alerts_count_earlier_events_that_were_not_quiet_and_looked_risky(test_split):
+    """`alerts` at an event: the test's earlier events that were not quiet with risk >= ALERT_RISK
+    (capped), never the current one; the twin agrees step by step (the equivalence test)."""
+    from sandhop.envs.spec import ALERT_CAP, ALERT_RISK
+    env = SandboxManagerEnv(episodes=test_split, base_tier="observe")
+    seen = set()
+    for e in sample(test_split, 30, seed=2):
+        obs, _ = env.reset(options={"episode": e})
+        expected, done, t = 0, False, 0
+        while not done:
+            assert obs["alerts"] == min(expected, ALERT_CAP)
+            risk = float(test_split.risk[test_split.start[e] + t])
+            obs, _, terminated, truncated, info = env.step(0)
+            expected += int(not info["quiet"] and risk >= ALERT_RISK)
+            seen.add(min(expected, ALERT_CAP))
+            done, t = terminated or truncated, t + 1
+    assert max(seen) >= 2   # attacked tests raise it
+
+
 # --------------------------------------------------------------------------- rewards
 
 TERMS = {  # reward term -> what it is charged for: an outcome, or a counter kept by the test
@@ -284,15 +361,16 @@ TERMS = {  # reward term -> what it is charged for: an outcome, or a counter kep
 def test_each_reward_term_changes_the_return_as_configured(test_split, term):
     episodes = test_split.subset(sample(test_split, 30, seed=1))
     names = EnvSpec().action_names()
-    # escalate mid-test, revoke a category, grant another: every outcome and cost occurs
-    policy = planned({1: names.index("hop:medium"), 2: names.index("revoke:fs.read"),
-                      3: names.index("grant:net.dns"), 4: names.index("hop:lockdown")})
+    # escalate mid-test, revoke a category, grant one; in every other test go to lockdown:
+    # every outcome and cost occurs
+    plans = [planned({1: "hop:medium", 2: "revoke:", 3: "grant:"}, names),
+             planned({1: "hop:lockdown", 2: "revoke:"}, names)]
 
     def returns(**overrides):
         env = SandboxManagerEnv(episodes=episodes, base_tier="observe", max_episode_steps=40, **overrides)
         total, counts = 0.0, dict.fromkeys(["hops", "changes", "steps", "damage"] + list(OUTCOMES), 0)
         for e in range(len(episodes)):
-            ret, infos, actions = play(env, e, policy)
+            ret, infos, actions = play(env, e, plans[e % 2])
             total += ret
             for info, a in zip(infos, actions):
                 counts[info["outcome"]] += 1

@@ -271,7 +271,7 @@ def broken(trained, tmp_path, how: str) -> Path:
     ("missing", "policy.safetensors is missing"),
     ("hash", "does not match the manifest"),
     ("corrupt", "not a readable safetensors file"),
-    ("version", "format version 99, this sandhop reads version 1"),
+    ("version", "format version 99, this sandhop reads version 2"),
     ("event_model", "does not match this sandhop's event model"),
     ("tiers", "tier templates changed"),
 ])
