@@ -234,8 +234,9 @@ def decisive(xp, row, level, permissions, slot, spawn=False):
     under every (tier, permission of its category) (`decision_row`), `slot` its category's
     permission slot (-1: none). At a spawn (`spawn`) every action counts: the child starts under
     the config. Combined with `action_mask`: the manager escalates at the moment an escalation
-    changes a decision, which loses nothing (until then every decision is the same either way,
-    and it sees more by then) and leaves no act whose effect comes only later to learn."""
+    changes a decision. Every sequence of decisions stays reachable (until then each decision is
+    the same either way, and more of the test has been seen), and no act is left whose effect
+    comes only later; what an early escalation remembered, the observation's `alerts` carries."""
     k = permissions.shape[-1]
     perm = xp.where(slot >= 0, permissions[xp.maximum(slot, 0)], 0)
     now = row[level, perm]
