@@ -622,7 +622,7 @@ class Manager:
         self._features: dict[tuple, tuple] = {}
         self._actions: dict[bytes, int] = {}
         self._quiet: dict[str, bool] = {}
-        self._rows: dict[str, np.ndarray] = {}
+        self._masks: dict[tuple, np.ndarray] = {}
         self._configs: dict = {}
         self._slots = self.spec.category_slots()
         self.events = self.quiet_events = 0
@@ -674,14 +674,15 @@ class Manager:
         mask = action_mask(np, level, ep.permissions, self.spec.n_categories, quiet)
         if quiet:
             return mask
-        key = f"{category}\0{cls}\0{target}"
-        slot = int(self._slots[self.cat_index[category]])
-        row = self._rows.get(key)
-        if row is None:
-            if len(self._rows) > 65536:
-                self._rows.clear()
-            row = self._rows[key] = decision_row(self.engine, category, target, cls, slot >= 0, self._configs)
-        return mask & decisive(np, row, level, ep.permissions, slot, category in NEVER_QUIET)
+        key = (category, cls, target, level, ep.permissions.tobytes())   # the mask is a function of these
+        known = self._masks.get(key)
+        if known is None:
+            slot = int(self._slots[self.cat_index[category]])
+            row = decision_row(self.engine, category, target, cls, slot >= 0, self._configs)
+            if len(self._masks) > 65536:
+                self._masks.clear()
+            known = self._masks[key] = mask & decisive(np, row, level, ep.permissions, slot, category in NEVER_QUIET)
+        return known
 
     def observe(self, category: str, cls: str, risk: float, tags: np.ndarray, mask: np.ndarray) -> dict:
         ep = self.episode

@@ -166,7 +166,7 @@ class JaxSandboxEnv:
                                  jax.lax.population_count(state.redirected)]).astype(jnp.int32),
             "progress": jnp.where(state.t >= state.length, jnp.float32(1.0), floats[-1:]),
             "alerts": state.alerts,
-            "action_mask": self._mask(state, meta, params.decisions[i]).astype(jnp.int8),
+            "action_mask": self._mask(state, meta, params.decisions[i])[0].astype(jnp.int8),
         }
 
     def _quiet(self, state: EnvState, meta: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -175,15 +175,16 @@ class JaxSandboxEnv:
         permission = jnp.where(slot >= 0, state.permissions[jnp.maximum(slot, 0)], 0)
         return is_quiet(((meta >> _QUIET_SHIFT) & 1).astype(bool), permission), slot
 
-    def _mask(self, state: EnvState, meta: jax.Array, decisions: jax.Array) -> jax.Array:
-        """The valid actions at the event with this meta word and packed decision row (only
-        stay at a quiet one; elsewhere those that change its decision, `spec.decisive`)."""
+    def _mask(self, state: EnvState, meta: jax.Array, decisions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(the valid actions at the event with this meta word and packed decision row: only stay
+        at a quiet one, elsewhere those that change its decision, `spec.decisive`; whether it is
+        quiet now)."""
         quiet, slot = self._quiet(state, meta)
         row = ((decisions >> (2 * jnp.arange(N_TIERS * len(PERMISSIONS), dtype=jnp.uint32))) & 3).reshape(
             N_TIERS, len(PERMISSIONS))
         spawn = jnp.asarray(_SPAWN)[meta & 31]
         return action_mask(jnp, state.level, state.permissions, self.spec.n_categories, quiet) \
-            & decisive(jnp, row, state.level, state.permissions, slot, spawn)
+            & decisive(jnp, row, state.level, state.permissions, slot, spawn), quiet
 
     def step_env(self, state: EnvState, action: jax.Array, params: EnvParams):
         """One event, without autoreset: (obs, state, reward, terminated, truncated, info)."""
@@ -210,8 +211,8 @@ class JaxSandboxEnv:
         action = jnp.asarray(action, jnp.int32)
         i = state.start + state.t
         meta = params.meta[i]
-        mask = self._mask(state, meta, params.decisions[i])
-        alerts = add_alert(jnp, state.alerts, params.floats[i, 0], self._quiet(state, meta)[0])
+        mask, quiet = self._mask(state, meta, params.decisions[i])
+        alerts = add_alert(jnp, state.alerts, params.floats[i, 0], quiet)
         valid = (action >= 0) & (action < self.n_actions) & mask[jnp.clip(action, 0, self.n_actions - 1)]
         action = jnp.where(valid, action, 0)
         hopped = (action >= 1) & (action <= N_TIERS)

@@ -114,9 +114,7 @@ class SandboxManagerEnv(gym.Env):
         action = int(action)
         valid = 0 <= action < self.env_spec.n_actions and bool(self._mask[action])
         i = self._start + self._t
-        slot = self._slot[int(self.episodes.category[i])]
-        quiet_now = is_quiet(bool(self._quiet[int(self.episodes.event[i])]), self._permissions[slot] if slot >= 0 else 0)
-        self._alerts = add_alert(np, self._alerts, self.episodes.risk[i], quiet_now)
+        self._alerts = add_alert(np, self._alerts, self.episodes.risk[i], self._quiet_now)
         hopped = changed = False
         if valid:
             self.config, hopped, changed = apply_action(self.engine, self.config, self._permissions, action,
@@ -165,7 +163,7 @@ class SandboxManagerEnv(gym.Env):
 
     def _compute_mask(self) -> np.ndarray:
         """The mask at the current event (the last one once the episode is over, as the
-        observation shows it)."""
+        observation shows it); sets `_quiet_now`, whether that event is quiet."""
         e = self.episodes
         i = self._start + min(self._t, int(e.length[self._episode]) - 1)
         u = int(e.event[i])
@@ -173,7 +171,7 @@ class SandboxManagerEnv(gym.Env):
             category, target, cls = e.targets[u]
             self._quiet[u] = self.engine.quiet(category, target, cls)
         slot = self._slot[int(e.category[i])]
-        quiet = is_quiet(bool(self._quiet[u]), self._permissions[slot] if slot >= 0 else 0)
+        quiet = self._quiet_now = is_quiet(bool(self._quiet[u]), self._permissions[slot] if slot >= 0 else 0)
         mask = action_mask(np, self.config.level, self._permissions, self.env_spec.n_categories, quiet)
         if quiet:
             return mask.astype(np.int8)
