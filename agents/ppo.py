@@ -59,6 +59,7 @@ class PPOConfig:
     vf_coef: Any = 0.5
     max_grad_norm: float = 0.5
     hidden: int = 64
+    false_alarms: float = 0.0
     stay_bias: float = 0.0
     train_max_steps: int = 0
     normalize_obs: bool = True
@@ -82,6 +83,8 @@ class PPOConfig:
                             f"length, got lengths {sorted(lengths)}")
         if self.train_max_steps < 0:
             problems.append("agent.train_max_steps must be >= 0 (null or 0: whole tests)")
+        if not 0.0 <= float(self.false_alarms) < 1.0:
+            problems.append(f"agent.false_alarms must be in [0, 1) (a share of benign events), got {self.false_alarms}")
         if self.eval_every_chunks < 0:
             problems.append("agent.eval_every_chunks must be >= 0 (0: evaluate only at the end)")
         if problems:
@@ -143,16 +146,18 @@ class PPOConfig:
 def init_network(key: jax.Array, spec: EnvSpec, hidden: int, stay_bias: float = 0.0) -> dict:
     """An embedding layer shared by actor and critic, then one tanh layer and a head each;
     orthogonal init (small for the policy head). `stay_bias` starts the policy mostly staying:
-    a uniform start would escalate nearly every test within a few events (5 of 42 actions hop)."""
+    a uniform start would escalate nearly every test within a few events (5 of 42 actions hop).
+    The embedding table starts at zero, so a category or target class that training never gave a
+    choice adds nothing: random rows made such an event act on noise (one seed hopped to `high` at
+    writes to /dev/shm, a class the train split only writes as /dev/null, where nothing is offered)."""
     def dense(k, n_in, n_out, scale):
         return {"w": jax.nn.initializers.orthogonal(scale)(k, (n_in, n_out), jnp.float32),
                 "b": jnp.zeros((n_out,), jnp.float32)}
     n_dense, n_rows = input_sizes(spec)
-    n_index = 3
     k = jax.random.split(key, 6)
     s2 = float(np.sqrt(2.0))
     return {"embed": {**dense(k[0], n_dense, hidden, s2),
-                      "table": jax.random.normal(k[1], (n_rows, hidden), jnp.float32) * np.sqrt(2.0 / n_index)},
+                      "table": jnp.zeros((n_rows, hidden), jnp.float32)},
             "actor": [dense(k[2], hidden, hidden, s2),
                       {**dense(k[3], hidden, spec.n_actions, 0.01),
                        "b": jnp.zeros((spec.n_actions,), jnp.float32).at[0].set(stay_bias)}],

@@ -156,7 +156,12 @@ def run(cfg: Any, out: Path | None = None) -> dict:
                              "settings (see its config.yaml) or use a new out=")
     stored.write_text(OmegaConf.to_yaml(resolved))
     progress = bool(cfg.get("progress", True))
-    env = JaxSandboxEnv.from_episodes(_episodes("train", cfg, spec, progress), spec, progress=progress)
+    train = _episodes("train", cfg, spec, progress)
+    if config.false_alarms > 0:
+        train, alarmed = false_alarms(train, config.false_alarms, int(cfg.seed))
+        print(f"sandhop-train-agent: {len(alarmed)} false alarms among the train split's "
+              f"{int((~train.malicious).sum())} benign events (agent.false_alarms={config.false_alarms})")
+    env = JaxSandboxEnv.from_episodes(train, spec, progress=progress)
     if config.train_max_steps:   # training only: evaluation replays whole tests
         env.params = env.params.replace(max_steps=jnp.int32(config.train_max_steps))
     want_eval = bool(cfg.get("evaluate", True)) or config.eval_every_chunks > 0
@@ -287,6 +292,32 @@ def use_compilation_cache() -> None:
 def _episodes(split: str, cfg: Any, spec: EnvSpec, progress: bool):
     from sandhop.envs import data as envdata
     return envdata.load(split, cfg.dataset, spec, progress=progress)
+
+
+def false_alarms(episodes: Any, share: float, seed: int) -> tuple[Any, np.ndarray]:
+    """A copy of `episodes` in which about `share` of the benign events of kinds (category, target
+    class) that no attack of the split uses carry the risk score and tags of a random attack event,
+    and the indices of those events.
+
+    The risk model scores a benign event of such a kind low throughout training, so nothing there
+    tells the policy that an alarm on it may be false; on held-out suites the model does raise such
+    alarms (a connect to a non-routable private address scored as exfiltration). Kinds that attacks
+    use are left alone: there a benign event that looks like an attack is indistinguishable from one,
+    and training the manager to let it pass would let attacks through."""
+    from dataclasses import replace
+    rng = np.random.default_rng(seed)
+    kinds: dict[tuple[str, str], int] = {}
+    kind_of_target = np.array([kinds.setdefault((c, k), len(kinds)) for c, _, k in episodes.targets], np.int64)
+    kind = kind_of_target[episodes.event]
+    attacked = np.isin(kind, kind[episodes.malicious])
+    malicious = np.flatnonzero(episodes.malicious)
+    candidates = (~episodes.malicious) & ~attacked
+    hit = np.flatnonzero(candidates & (rng.random(len(kind)) < share)) if len(malicious) else np.zeros(0, np.int64)
+    donors = rng.choice(malicious, len(hit)) if len(hit) else hit
+    risk = np.array(episodes.risk, np.float32, copy=True)
+    tags = np.array(episodes.tags, np.float32, copy=True)
+    risk[hit], tags[hit] = risk[donors], tags[donors]
+    return replace(episodes, risk=risk, tags=tags), hit
 
 
 def _evaluate(evaluate, runner, val_env: JaxSandboxEnv) -> list[dict]:

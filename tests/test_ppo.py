@@ -17,8 +17,9 @@ from hydra import compose, initialize_config_module
 
 from sandhop.agents import ppo
 from sandhop.agents.evaluate_agent import replay
-from sandhop.agents.train_agent import load_run, run
+from sandhop.agents.train_agent import false_alarms, load_run, run
 from sandhop.cli import main
+from sandhop.enforcement.events import CATEGORIES, TARGET_CLASSES
 from sandhop.envs import data as envdata
 from sandhop.envs.jax_env import JaxSandboxEnv
 from sandhop.envs.sandbox_env import SandboxManagerEnv
@@ -67,6 +68,40 @@ def test_seeds_train_side_by_side_as_separate_members(trained):
     a, b = load_run(trained)
     assert (a.seed, b.seed) == (0, 1)
     assert not np.allclose(a.params["embed"]["table"], b.params["embed"]["table"])
+
+
+def test_a_category_or_class_absent_from_training_adds_nothing_to_the_policy(trained):
+    cfg = config()
+    episodes = envdata.load("train", cfg.dataset, EnvSpec.from_config(cfg.env))
+    seen = set(episodes.category.tolist()) | {len(CATEGORIES) + c for c in set(episodes.target_class.tolist())}
+    rows = len(CATEGORIES) + len(TARGET_CLASSES)
+    absent = [r for r in range(rows) if r not in seen]
+    assert absent                                  # the small dataset has no /dev or unix-socket events
+    for member in load_run(trained):
+        table = np.asarray(member.params["embed"]["table"])
+        assert not table[absent].any()             # zero at init, and no gradient ever reached them
+        assert table[sorted(seen)].any(axis=1).all()
+
+
+def test_false_alarms_give_benign_events_of_kinds_no_attack_uses_an_attack_events_scores():
+    cfg = config()
+    episodes = envdata.load("train", cfg.dataset, EnvSpec.from_config(cfg.env))
+    risk, tags = episodes.risk.copy(), episodes.tags.copy()
+    alarmed, hit = false_alarms(episodes, 0.5, seed=0)
+    kind = episodes.category.astype(np.int64) * len(TARGET_CLASSES) + episodes.target_class
+    candidates = ~episodes.malicious & ~np.isin(kind, kind[episodes.malicious])
+    assert candidates.sum() > 200 and 0.4 < len(hit) / candidates.sum() < 0.6
+    assert candidates[hit].all()
+    attack_scores = {(float(r), *t.tolist()) for r, t in zip(risk[episodes.malicious], tags[episodes.malicious])}
+    assert all((float(alarmed.risk[i]), *alarmed.tags[i].tolist()) in attack_scores for i in hit)
+    assert np.mean(alarmed.risk[hit]) > np.mean(risk[hit]) + 0.3   # the point: they now look like attacks
+    kept = np.ones(len(risk), bool)
+    kept[hit] = False
+    np.testing.assert_array_equal(alarmed.risk[kept], risk[kept])
+    np.testing.assert_array_equal(alarmed.tags[kept], tags[kept])
+    np.testing.assert_array_equal(episodes.risk, risk)             # the loaded (cached) episodes are untouched
+    np.testing.assert_array_equal(false_alarms(episodes, 0.5, seed=0)[1], hit)
+    assert len(false_alarms(episodes, 0.0, seed=0)[1]) == 0
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(trained, tmp_path):
@@ -176,6 +211,7 @@ def test_hyperparameters_vmap_as_members():
     ({"num_envs": 6, "num_steps": 1, "num_minibatches": 4}, "equal groups of environments"),
     ({"lr": (1e-3, 3e-4), "ent_coef": (0.0, 0.1, 0.2)}, "same length"),
     ({"num_envs": 0}, "num_envs must be >= 1"),
+    ({"false_alarms": 1.0}, "false_alarms must be in \\[0, 1\\)"),
 ])
 def test_bad_agent_settings_are_clear_errors(settings, message):
     with pytest.raises(ppo.AgentError, match=message):
