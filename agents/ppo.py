@@ -83,7 +83,7 @@ class PPOConfig:
                             f"length, got lengths {sorted(lengths)}")
         if self.train_max_steps < 0:
             problems.append("agent.train_max_steps must be >= 0 (null or 0: whole tests)")
-        if not 0.0 <= float(self.false_alarms) < 1.0:
+        if not isinstance(self.false_alarms, (int, float)) or not 0.0 <= self.false_alarms < 1.0:
             problems.append(f"agent.false_alarms must be in [0, 1) (a share of benign events), got {self.false_alarms}")
         if self.eval_every_chunks < 0:
             problems.append("agent.eval_every_chunks must be >= 0 (0: evaluate only at the end)")
@@ -103,6 +103,8 @@ class PPOConfig:
             data.pop("train_max_steps", None)
         else:
             data["train_max_steps"] = int(data["train_max_steps"])
+        if "false_alarms" in data:
+            data["false_alarms"] = float(data["false_alarms"] or 0.0)   # null: none
         return cls(**{k: (int(v) if k in ints else tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
 
     @property
@@ -154,7 +156,7 @@ def init_network(key: jax.Array, spec: EnvSpec, hidden: int, stay_bias: float = 
         return {"w": jax.nn.initializers.orthogonal(scale)(k, (n_in, n_out), jnp.float32),
                 "b": jnp.zeros((n_out,), jnp.float32)}
     n_dense, n_rows = input_sizes(spec)
-    k = jax.random.split(key, 6)
+    k = jax.random.split(key, 6)   # k[1] seeded the table once; kept so the other layers start as before
     s2 = float(np.sqrt(2.0))
     return {"embed": {**dense(k[0], n_dense, hidden, s2),
                       "table": jnp.zeros((n_rows, hidden), jnp.float32)},

@@ -156,14 +156,7 @@ def run(cfg: Any, out: Path | None = None) -> dict:
                              "settings (see its config.yaml) or use a new out=")
     stored.write_text(OmegaConf.to_yaml(resolved))
     progress = bool(cfg.get("progress", True))
-    train = _episodes("train", cfg, spec, progress)
-    if config.false_alarms > 0:
-        train, alarmed = false_alarms(train, config.false_alarms, int(cfg.seed))
-        print(f"sandhop-train-agent: {len(alarmed)} false alarms among the train split's "
-              f"{int((~train.malicious).sum())} benign events (agent.false_alarms={config.false_alarms})")
-    env = JaxSandboxEnv.from_episodes(train, spec, progress=progress)
-    if config.train_max_steps:   # training only: evaluation replays whole tests
-        env.params = env.params.replace(max_steps=jnp.int32(config.train_max_steps))
+    env = training_env(cfg, config, spec, progress)
     want_eval = bool(cfg.get("evaluate", True)) or config.eval_every_chunks > 0
     val_env = JaxSandboxEnv.from_episodes(_episodes("val", cfg, spec, progress), spec) if want_eval else None
     trainer = Trainer(out, config, env, int(cfg.seed))
@@ -287,6 +280,20 @@ def use_compilation_cache() -> None:
     from sandhop.datasets.splits import cache_dir
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def training_env(cfg: Any, config: PPOConfig, spec: EnvSpec, progress: bool) -> JaxSandboxEnv:
+    """The twin over the train split as PPO sees it: with simulated false alarms
+    (`agent.false_alarms`) and tests cut after `agent.train_max_steps` events."""
+    train = _episodes("train", cfg, spec, progress)
+    if config.false_alarms > 0:
+        train, alarmed = false_alarms(train, config.false_alarms, int(cfg.seed))
+        print(f"sandhop-train-agent: {len(alarmed)} false alarms among the train split's "
+              f"{int((~train.malicious).sum())} benign events (agent.false_alarms={config.false_alarms})")
+    env = JaxSandboxEnv.from_episodes(train, spec, progress=progress)
+    if config.train_max_steps:   # training only: evaluation replays whole tests
+        env.params = env.params.replace(max_steps=jnp.int32(config.train_max_steps))
+    return env
 
 
 def _episodes(split: str, cfg: Any, spec: EnvSpec, progress: bool):
