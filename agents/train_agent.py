@@ -313,9 +313,7 @@ def false_alarms(episodes: Any, share: float, seed: int) -> tuple[Any, np.ndarra
     and training the manager to let it pass would let attacks through."""
     from dataclasses import replace
     rng = np.random.default_rng(seed)
-    kinds: dict[tuple[str, str], int] = {}
-    kind_of_target = np.array([kinds.setdefault((c, k), len(kinds)) for c, _, k in episodes.targets], np.int64)
-    kind = kind_of_target[episodes.event]
+    kind = episodes.kinds()
     attacked = np.isin(kind, kind[episodes.malicious])
     malicious = np.flatnonzero(episodes.malicious)
     candidates = (~episodes.malicious) & ~attacked

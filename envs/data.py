@@ -92,6 +92,10 @@ class Episodes:
         """The category of each distinct event (`targets`), as an array of names."""
         return np.array([t[0] for t in self.targets], dtype=object)
 
+    def kinds(self) -> np.ndarray:
+        """int64 [N]: each event's kind, its (category, target class) as one index."""
+        return self.category.astype(np.int64) * len(TARGET_CLASSES) + self.target_class
+
     def quiet(self, decisions: np.ndarray) -> np.ndarray:
         """bool [N]: which events are quiet (`spec.quiet_row`), from `decision_table`."""
         return quiet_row(decisions, self.target_categories())[self.event]
@@ -178,7 +182,7 @@ def with_risk(episodes: Episodes, spec: EnvSpec, table: pa.Table | None = None, 
     if spec.risk_source == "rules":
         risk = np.empty(episodes.n_events, np.float32)
         tags = np.empty((episodes.n_events, len(INFERRED_TAGS)), np.float32)
-        combo = episodes.category.astype(np.int64) * len(TARGET_CLASSES) + episodes.target_class
+        combo = episodes.kinds()
         for c in np.unique(combo):
             sel = combo == c
             risk[sel], tags[sel] = rule_risk(CATEGORIES[c // len(TARGET_CLASSES)], TARGET_CLASSES[c % len(TARGET_CLASSES)])

@@ -93,7 +93,7 @@ def test_false_alarms_give_benign_events_of_kinds_no_attack_uses_an_attack_event
     episodes = envdata.load("train", cfg.dataset, EnvSpec.from_config(cfg.env))
     risk, tags = episodes.risk.copy(), episodes.tags.copy()
     alarmed, hit = false_alarms(episodes, 0.5, seed=0)
-    kind = episodes.category.astype(np.int64) * len(TARGET_CLASSES) + episodes.target_class
+    kind = episodes.kinds()
     candidates = ~episodes.malicious & ~np.isin(kind, kind[episodes.malicious])
     assert candidates.sum() > 200 and 0.4 < len(hit) / candidates.sum() < 0.6
     assert candidates[hit].all()
