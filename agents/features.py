@@ -221,6 +221,12 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def subset(self, indices) -> "Encoded":
+        """The given episodes only, in that order."""
+        pick = lambda items: [items[int(i)] for i in indices]   # noqa: E731
+        return Encoded(self.spec, pick(self.keys), pick(self.features), pick(self.malicious), pick(self.tags),
+                       pick(self.damaging), pick(self.attack))
+
 
 def encode_episodes(columns: Mapping[str, Sequence], spec: FeatureSpec, *, min_events: int = 1) -> Encoded:
     """Split a trace (columns as lists, rows in order of suite, run, seq) into episodes (one per

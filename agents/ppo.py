@@ -41,6 +41,9 @@ class AgentError(ValueError):
     """An agent config or run that cannot work: what and how to fix it."""
 
 
+RISK_SCORES = ("out_of_fold", "in_sample")   # which risk model scores the train split shows the manager
+
+
 @dataclass(frozen=True)
 class PPOConfig:
     """The `agent` config group (configs/agent/ppo.yaml), typed."""
@@ -60,6 +63,8 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     hidden: int = 64
     false_alarms: float = 0.0
+    missed_alarms: float = 0.0
+    risk_scores: str = "in_sample"
     stay_bias: float = 0.0
     train_max_steps: int = 0
     normalize_obs: bool = True
@@ -85,6 +90,10 @@ class PPOConfig:
             problems.append("agent.train_max_steps must be >= 0 (null or 0: whole tests)")
         if not isinstance(self.false_alarms, (int, float)) or not 0.0 <= self.false_alarms < 1.0:
             problems.append(f"agent.false_alarms must be in [0, 1) (a share of benign events), got {self.false_alarms}")
+        if not isinstance(self.missed_alarms, (int, float)) or not 0.0 <= self.missed_alarms <= 1.0:
+            problems.append(f"agent.missed_alarms must be in [0, 1] (a share of attacked tests), got {self.missed_alarms}")
+        if self.risk_scores not in RISK_SCORES:
+            problems.append(f"agent.risk_scores {self.risk_scores!r}: use {' or '.join(RISK_SCORES)}")
         if self.eval_every_chunks < 0:
             problems.append("agent.eval_every_chunks must be >= 0 (0: evaluate only at the end)")
         if problems:
@@ -103,8 +112,9 @@ class PPOConfig:
             data.pop("train_max_steps", None)
         else:
             data["train_max_steps"] = int(data["train_max_steps"])
-        if "false_alarms" in data:
-            data["false_alarms"] = float(data["false_alarms"] or 0.0)   # null: none
+        for share in ("false_alarms", "missed_alarms"):
+            if share in data:
+                data[share] = float(data[share] or 0.0)   # null: none
         return cls(**{k: (int(v) if k in ints else tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
 
     @property

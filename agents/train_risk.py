@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -514,6 +515,78 @@ def read_warm_start(cfg: Any) -> WarmStart | None:
     return WarmStart(root, manifest, spec, sha256_file(root / MANIFEST))
 
 
+# --------------------------------------------------------------------------- out-of-fold scores
+
+OUT_OF_FOLD = "out_of_fold.parquet"
+
+
+def fold_of(suite: str, test_id: str, folds: int) -> int:
+    """The fold of a test: stable, and the same for every run of the test (`sandhop learn` repeats
+    runs), so no fold model trains on a copy of a test it scores."""
+    return zlib.crc32(f"{suite}\x1f{test_id}".encode()) % folds
+
+
+def train_out_of_fold(out: Path, data: dict[str, Encoded], cfg: Any, spec: FeatureSpec, model_cfg: ModelConfig,
+                      warm: "WarmStart | None", folds: int) -> dict:
+    """Score every test of the train split with a model that did not train on it, for the sandbox
+    manager's training (`agent.risk_scores=out_of_fold`): the tests fall into `folds` folds by
+    `fold_of`; the model of fold k trains (as the main one, from the same start) on the other
+    folds in `folds/<k+1>-of-<folds>/`, is calibrated on val and scores fold k. Writes OUT_OF_FOLD
+    (one row per test: its key, fold, and calibrated risk and tags per event); returns a summary
+    per fold."""
+    from sandhop.agents import evaluate_risk as ev
+    enc = data["train"]
+    fold = np.array([fold_of(suite, test, folds) for suite, _, test in enc.keys])
+    sizes = np.bincount(fold, minlength=folds)
+    if sizes.min() == 0:
+        raise TrainError(f"out_of_fold={folds}: the train split's {len(enc)} tests make {sizes.tolist()} per fold; "
+                         "use fewer folds (or out_of_fold=0 for none)")
+    risk: list = [None] * len(enc)
+    tags: list = [None] * len(enc)
+    summary = []
+    for k in range(folds):
+        inside = np.flatnonzero(fold == k)
+        trainer = fit(out / "folds" / f"{k + 1}-of-{folds}", enc.subset(np.flatnonzero(fold != k)), data["val"],
+                      cfg, spec, model_cfg, warm, f"risk model, fold {k + 1} of {folds}")
+        model = trainer.current_model()
+        calibrator = ev.fit_calibrator(data["val"], score_episodes(model, data["val"].features))
+        held = enc.subset(inside)
+        outputs = score_episodes(model, held.features)
+        flat, prob, probs = ev.episode_probs(held, outputs, calibrator)
+        for i, p, o in zip(inside, probs, outputs):
+            risk[i], tags[i] = p.astype(np.float32), np.asarray(o["tags"], np.float32)
+        labels = flat["malicious"] > 0
+        row = {"fold": k, "tests": int(len(inside)), "events": int(len(prob))}
+        if labels.any() and (~labels).any():
+            row["event_roc_auc"] = ev.roc_metrics(prob[~labels], prob[labels])["roc_auc"]
+        summary.append(row)
+    from sandhop.datasets import splits
+    write_out_of_fold(out / OUT_OF_FOLD, enc, fold, risk, tags, dataset=splits.build(cfg.dataset).name)
+    return {"folds": folds, "file": OUT_OF_FOLD, "per_fold": summary}
+
+
+def write_out_of_fold(path: Path, enc: Encoded, fold: np.ndarray, risk: list[np.ndarray], tags: list[np.ndarray],
+                      dataset: str) -> None:
+    """OUT_OF_FOLD: one row per test with its key, fold, and per event its label (so a reader can
+    tell that the scores belong to its events), calibrated risk and tags."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    offsets = pa.array(np.concatenate([[0], np.cumsum([len(r) for r in risk])]).astype(np.int32))
+    table = pa.table({
+        "suite": [k[0] for k in enc.keys], "run_id": [k[1] for k in enc.keys], "test_id": [k[2] for k in enc.keys],
+        "fold": pa.array(fold.astype(np.int16)),
+        "malicious": pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(enc.malicious) > 0)),
+        "risk": pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(risk).astype(np.float32))),
+        "tags": pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(
+            pa.array(np.concatenate(tags).astype(np.float32).reshape(-1)), len(enc.spec.tags))),
+    })
+    meta = {"format": 1, "folds": int(fold.max()) + 1, "dataset": dataset, "tags": list(enc.spec.tags)}
+    table = table.replace_schema_metadata({"sandhop.out_of_fold": json.dumps(meta)})
+    tmp = path.with_suffix(".tmp.parquet")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
 # --------------------------------------------------------------------------- the app
 
 def run(cfg: Any) -> dict:
@@ -523,6 +596,9 @@ def run(cfg: Any) -> dict:
     for name in ("absl", "jax", "orbax"):  # their INFO lines would drown the progress bar under Hydra
         logging.getLogger(name).setLevel(logging.WARNING)
     warm = read_warm_start(cfg)  # before the run folder is written: a refused init leaves nothing behind
+    folds = int(cfg.get("out_of_fold") or 0)
+    if folds == 1 or folds < 0:
+        raise TrainError(f"out_of_fold={folds}: use 2 or more folds (each model trains on the others), or 0 for none")
     out = Path(cfg.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -537,8 +613,29 @@ def run(cfg: Any) -> dict:
     data, spec, kind = load_data(cfg, None if warm is None else warm.spec)
     check_spec_file(out, spec)
     model_cfg = ModelConfig(**cfg.model)
+    started = timer()
+    trainer = fit(out, data["train"], data["val"], cfg, spec, model_cfg, warm, "training risk model")
+    model = trainer.current_model()
+    if not cfg.get("evaluate", True):
+        return {"step": trainer.step, "epoch": trainer.epoch}
+    if kind == "adfa_ld":
+        from sandhop.agents.adfa_lm import evaluate_adfa
+        result = evaluate_adfa(model, data, cfg, out)
+    else:
+        result = evaluate_traces(model, data, out)
+        if folds:
+            result["out_of_fold"] = train_out_of_fold(out, data, cfg, spec, model_cfg, warm, folds)
+    result["train_seconds_this_run"] = round(timer() - started, 1)
+    (out / "evaluation.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return result
+
+
+def fit(out: Path, train_enc: Encoded, val_enc: Encoded, cfg: Any, spec: FeatureSpec, model_cfg: ModelConfig,
+        warm: "WarmStart | None", desc: str) -> "Trainer":
+    """Train (or resume) one model in `out` on `train_enc`, with a checkpoint and a metrics.csv row
+    (val loss) after every epoch; returns the trainer at the end of training."""
     seq_len = int(cfg.train.seq_len)
-    train, val = pack(data["train"], seq_len), pack(data["val"], seq_len)
+    train, val = pack(train_enc, seq_len), pack(val_enc, seq_len)
     batch_size = int(cfg.train.batch_size)
     epochs = int(cfg.train.epochs)
     total = epochs * steps_per_epoch(len(train), batch_size)
@@ -548,10 +645,10 @@ def run(cfg: Any) -> dict:
     elif warm is not None:
         trainer.load_weights(warm.root / RISK_FILE)
         (out / "init.json").write_text(json.dumps(warm.record(), indent=2) + "\n")
-        print(f"sandhop-train-risk: starting from the risk model of {warm.root}")
+        print(f"sandhop-train-risk: starting {out} from the risk model of {warm.root}")
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=trainer.step, desc="training risk model", unit="step", disable=not cfg.progress)
-    started = timer()
+    bar = tqdm(total=total, initial=trainer.step, desc=desc, unit="step", disable=not cfg.progress)
+    started = timer()   # metrics.csv's seconds: this model's training time in this process
     stop_after = cfg.train.get("stop_after_steps")
     try:
         while trainer.epoch < epochs:
@@ -563,17 +660,7 @@ def run(cfg: Any) -> dict:
                                                     "seconds": round(timer() - started, 2), **row})
     finally:
         bar.close()
-    model = trainer.current_model()
-    if not cfg.get("evaluate", True):
-        return {"step": trainer.step, "epoch": trainer.epoch}
-    if kind == "adfa_ld":
-        from sandhop.agents.adfa_lm import evaluate_adfa
-        result = evaluate_adfa(model, data, cfg, out)
-    else:
-        result = evaluate_traces(model, data, out)
-    result["train_seconds_this_run"] = round(timer() - started, 1)
-    (out / "evaluation.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    return result
+    return trainer
 
 
 def evaluate_traces(model: RiskModel, data: dict[str, Encoded], out: Path) -> dict:

@@ -275,6 +275,57 @@ def model_risk(episodes: Episodes, table: pa.Table, checkpoint: str, cache_key: 
     return risk, tags
 
 
+def out_of_fold_risk(episodes: Episodes, checkpoint: str) -> Episodes:
+    """A copy of `episodes`, the train split of the risk model in `checkpoint`, with the run's
+    out-of-fold scores: each test scored by the fold model that did not train on it
+    (`sandhop-train-risk out_of_fold=K`). On held-out suites the model scores benign look-alikes
+    of attacks higher than it scores the tests it trained on; these scores show the manager that."""
+    import json
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    from sandhop.agents.train_risk import OUT_OF_FOLD
+    run = Path(checkpoint).expanduser().resolve()
+    path = run / OUT_OF_FOLD
+    if not path.is_file():
+        raise EnvError(f"{run} has no out-of-fold scores ({OUT_OF_FOLD}); train the risk model with "
+                       "out_of_fold=2 (the default), or train the manager on its in-sample scores: "
+                       "agent.risk_scores=in_sample")
+    try:
+        table = pq.read_table(path)
+        meta = json.loads((table.schema.metadata or {}).get(b"sandhop.out_of_fold", b"{}"))
+        keys = list(zip(*(table[c].to_pylist() for c in ("suite", "run_id", "test_id"))))
+        columns = {c: table[c].combine_chunks() for c in ("malicious", "risk", "tags")}
+    except (OSError, ValueError, KeyError) as exc:
+        raise EnvError(f"{path} is not readable as out-of-fold scores ({exc}); retrain the risk model "
+                       f"(sandhop-train-risk out={run})") from None
+    if meta.get("format") != 1 or tuple(meta.get("tags", ())) != INFERRED_TAGS:
+        raise EnvError(f"{path} has format {meta.get('format')} and tags {meta.get('tags')}; this sandhop reads "
+                       f"format 1 with tags {list(INFERRED_TAGS)}: retrain the risk model")
+    where = {k: i for i, k in enumerate(keys)}
+    offsets = columns["risk"].offsets.to_numpy()
+    malicious = columns["malicious"].values.to_numpy(zero_copy_only=False)
+    risk_values = columns["risk"].values.to_numpy()
+    tag_values = columns["tags"].values.flatten().to_numpy().reshape(-1, len(INFERRED_TAGS))
+    rows = np.empty(episodes.n_events, np.int64)
+    missing = 0
+    for e, key in enumerate(episodes.keys):
+        i = where.get(key)
+        span = episodes.span(e)
+        if i is None or offsets[i + 1] - offsets[i] != span.stop - span.start \
+                or not np.array_equal(malicious[offsets[i]:offsets[i + 1]], episodes.malicious[span]):
+            missing += 1
+            continue
+        rows[span] = np.arange(offsets[i], offsets[i + 1])
+    if missing:
+        raise EnvError(f"the out-of-fold scores of {run} (dataset {meta.get('dataset')!r}) lack {missing} of the "
+                       f"{len(episodes)} tests of {episodes.name} as they are: the risk model was trained on "
+                       "another dataset. Train it on this one, or use agent.risk_scores=in_sample")
+    return replace(episodes, risk=risk_values[rows].astype(np.float32), tags=tag_values[rows].astype(np.float32),
+                   risk_source=f"{episodes.risk_source} (out of fold)")
+
+
 # --------------------------------------------------------------------------- loading a split
 
 _LOADED: dict[tuple, Episodes] = {}

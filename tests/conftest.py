@@ -10,8 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+# No fold models (out_of_fold=0): the smoke manager trains on the full small dataset, not on this
+# model's 12-test one, so it uses the in-sample scores (tests/test_out_of_fold.py trains folds).
 TINY_RISK = ("model=tiny", "dataset=small", "dataset.max_units_per_suite=12", "train.seq_len=32",
-             "train.batch_size=8", "train.epochs=2", "train.lr=1e-2", "train.warmup_steps=1", "progress=false")
+             "train.batch_size=8", "train.epochs=2", "train.lr=1e-2", "train.warmup_steps=1", "progress=false",
+             "out_of_fold=0")
+IN_SAMPLE = "agent.risk_scores=in_sample"   # what a manager on TINY_RISK's scores needs
 
 
 # A suite with one test the strict tiers break (it reads a key from a fake HOME; see `home`).
@@ -65,7 +69,8 @@ def trained(tmp_path_factory):
         risk, agent, art = base / "risk", base / "agent", base / "artifact"
         train_risk.run(compose("train_risk", *TINY_RISK, f"out={risk}"))
         train_agent.run(compose("train_agent", "experiment=smoke", "env.risk.source=model",
-                                f"env.risk.checkpoint={risk}", "agent.num_seeds=2", "agent.eval_every_chunks=4"),
+                                f"env.risk.checkpoint={risk}", IN_SAMPLE, "agent.num_seeds=2",
+                                "agent.eval_every_chunks=4"),
                         agent)
         export(risk, agent, art)
     for name, value in before.items():

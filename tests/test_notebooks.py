@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import IN_SAMPLE
 
 WHY = "the notebooks extra is not installed (pip install 'sandhop[notebooks]')"
 nbformat = pytest.importorskip("nbformat", reason=WHY)
@@ -82,7 +83,7 @@ def runs(trained, tmp_path_factory):
     from sandhop.agents.evaluate_agent import evaluate_command
     base = tmp_path_factory.mktemp("notebook-inputs")
     sweep = base / "agent-multirun" / "20261130-120000"
-    overrides = ["experiment=smoke", "env.risk.source=model", f"env.risk.checkpoint={trained.risk}",
+    overrides = ["experiment=smoke", "env.risk.source=model", f"env.risk.checkpoint={trained.risk}", IN_SAMPLE,
                  "agent.num_seeds=2", "agent.eval_every_chunks=4"]   # as conftest trained it
     for job in ("0", "1"):
         (sweep / job / ".hydra").mkdir(parents=True)

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_module
 
 from sandhop.agents import ppo
 from sandhop.agents.evaluate_agent import replay
-from sandhop.agents.train_agent import false_alarms, load_run, run, training_env
+from sandhop.agents.train_agent import false_alarms, load_run, missed_alarms, run, training_env
 from sandhop.cli import main
 from sandhop.enforcement.events import CATEGORIES, TARGET_CLASSES
 from sandhop.envs import data as envdata
@@ -111,17 +111,49 @@ def test_false_alarms_give_benign_events_of_kinds_no_attack_uses_an_attack_event
     assert len(false_alarms(episodes, 0.0, seed=0)[1]) == 0
 
 
-def test_training_sees_the_false_alarms_and_evaluation_does_not():
-    cfg = config("agent.false_alarms=0.2", "seed=3")
+def test_missed_alarms_give_early_attack_steps_benign_events_scores():
+    cfg = config()
+    episodes = envdata.load("train", cfg.dataset, EnvSpec.from_config(cfg.env))
+    risk, tags = episodes.risk.copy(), episodes.tags.copy()
+    missed, hit = missed_alarms(episodes, 0.5, seed=0)
+    assert len(hit) > 50
+    episode = np.repeat(np.arange(len(episodes)), episodes.length)
+    touched = sorted(set(episode[hit].tolist()))
+    attacked = [e for e in range(len(episodes)) if episodes.attack[e]]
+    assert set(touched) <= set(attacked) and 0.35 < len(touched) / len(attacked) < 0.65
+    for e in touched:
+        span = episodes.span(e)
+        mine = hit[episode[hit] == e] - span.start
+        damaging = np.flatnonzero(episodes.damaging[span])
+        first = damaging[0] if len(damaging) else int(episodes.length[e])
+        # every attack step before the damaging one, and nothing else
+        assert mine.tolist() == np.flatnonzero(episodes.malicious[span][:first]).tolist()
+        if len(damaging):
+            assert missed.risk[span][first] == risk[span][first]
+    benign_scores = {(float(r), *t.tolist()) for r, t in zip(risk[~episodes.malicious], tags[~episodes.malicious])}
+    assert all((float(missed.risk[i]), *missed.tags[i].tolist()) in benign_scores for i in hit)
+    assert np.mean(missed.risk[hit]) < np.mean(risk[hit]) - 0.2    # the point: they now look benign
+    kept = np.ones(len(risk), bool)
+    kept[hit] = False
+    np.testing.assert_array_equal(missed.risk[kept], risk[kept])
+    np.testing.assert_array_equal(missed.tags[kept], tags[kept])
+    np.testing.assert_array_equal(episodes.risk, risk)             # the loaded (cached) episodes are untouched
+    np.testing.assert_array_equal(missed_alarms(episodes, 0.5, seed=0)[1], hit)
+    assert len(missed_alarms(episodes, 0.0, seed=0)[1]) == 0
+
+
+def test_training_sees_the_missed_and_false_alarms_and_evaluation_does_not():
+    cfg = config("agent.false_alarms=0.2", "agent.missed_alarms=0.5", "seed=3")
     spec, agent = EnvSpec.from_config(cfg.env), ppo.PPOConfig.from_config(cfg.agent)
     episodes = envdata.load("train", cfg.dataset, spec)
-    alarmed, hit = false_alarms(episodes, 0.2, seed=3)
-    assert len(hit) > 0
+    missed, missed_hit = missed_alarms(episodes, 0.5, seed=3)
+    alarmed, hit = false_alarms(missed, 0.2, seed=3)
+    assert len(hit) > 0 and len(missed_hit) > 0
     trained_on = np.asarray(training_env(cfg, agent, spec, progress=False).params.floats)
     np.testing.assert_array_equal(trained_on[:, 0], alarmed.risk)
     np.testing.assert_array_equal(trained_on[:, 1:1 + alarmed.tags.shape[1]], alarmed.tags)
     assert not np.array_equal(trained_on[:, 0], episodes.risk)
-    none = config("agent.false_alarms=null")
+    none = config("agent.false_alarms=null", "agent.missed_alarms=null")
     plain = training_env(none, ppo.PPOConfig.from_config(none.agent), spec, progress=False)
     np.testing.assert_array_equal(np.asarray(plain.params.floats)[:, 0], episodes.risk)
 
@@ -234,6 +266,8 @@ def test_hyperparameters_vmap_as_members():
     ({"lr": (1e-3, 3e-4), "ent_coef": (0.0, 0.1, 0.2)}, "same length"),
     ({"num_envs": 0}, "num_envs must be >= 1"),
     ({"false_alarms": 1.0}, "false_alarms must be in \\[0, 1\\)"),
+    ({"missed_alarms": -0.1}, "missed_alarms must be in \\[0, 1\\]"),
+    ({"risk_scores": "held_out"}, "risk_scores 'held_out': use out_of_fold or in_sample"),
 ])
 def test_bad_agent_settings_are_clear_errors(settings, message):
     with pytest.raises(ppo.AgentError, match=message):

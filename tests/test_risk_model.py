@@ -166,7 +166,7 @@ def test_every_config_composes(group, name):
 TINY = ("model=tiny", "dataset=small", "dataset.max_units_per_suite=12", "dataset.splits.test=[requests]",
         "dataset.splits.val=[packaging]", "train.seq_len=32", "train.batch_size=8", "train.epochs=2",
         "train.lr=1e-2", "train.final_lr_fraction=1.0", "train.warmup_steps=1", "train.weight_decay=0.0",
-        "train.save_every_steps=1", "progress=false")
+        "train.save_every_steps=1", "progress=false", "out_of_fold=0")   # folds: tests/test_out_of_fold.py
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ pytest.importorskip("hydra")
 from hydra import compose, initialize_config_module  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
+from conftest import IN_SAMPLE  # noqa: E402
 from sandhop.agents.export import flatten  # noqa: E402
 from sandhop.agents.ppo import AgentError  # noqa: E402
 from sandhop.enforcement.runtime import MANIFEST, POLICY_FILE, sha256_file  # noqa: E402
@@ -36,7 +37,7 @@ def built(trained_caches):
 def agent_config(risk: Path, *overrides: str):
     """A smoke run with two members on the risk model's scores: the artifact's env and agent."""
     return _compose("train_agent", "experiment=smoke", "env.risk.source=model", f"env.risk.checkpoint={risk}",
-                    "agent.num_seeds=2", *overrides)
+                    IN_SAMPLE, "agent.num_seeds=2", *overrides)
 
 
 def policy_tensors(policy) -> dict[str, np.ndarray]:
