@@ -21,7 +21,7 @@ import json
 import math
 import re
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from typing import Iterable, Mapping, Sequence
 
@@ -223,9 +223,8 @@ class Encoded:
 
     def subset(self, indices) -> "Encoded":
         """The given episodes only, in that order."""
-        pick = lambda items: [items[int(i)] for i in indices]   # noqa: E731
-        return Encoded(self.spec, pick(self.keys), pick(self.features), pick(self.malicious), pick(self.tags),
-                       pick(self.damaging), pick(self.attack))
+        picked = {f.name: [getattr(self, f.name)[int(i)] for i in indices] for f in fields(self) if f.name != "spec"}
+        return Encoded(self.spec, **picked)
 
 
 def encode_episodes(columns: Mapping[str, Sequence], spec: FeatureSpec, *, min_events: int = 1) -> Encoded:

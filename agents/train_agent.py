@@ -294,15 +294,22 @@ def training_env(cfg: Any, config: PPOConfig, spec: EnvSpec, progress: bool) -> 
         except EnvError as exc:
             raise AgentError(str(exc)) from None
         print(f"sandhop-train-agent: the train split's risk scores are out of fold ({spec.risk_checkpoint})")
+    # Both draw their donors from the scores as loaded: a false alarm carries an attack's own
+    # scores, a missed one a benign event's. They touch disjoint events (attack and benign ones).
+    shown = train
     if config.missed_alarms > 0:
-        train, missed = missed_alarms(train, config.missed_alarms, int(cfg.seed))
+        shown, missed = missed_alarms(train, config.missed_alarms, int(cfg.seed))
         print(f"sandhop-train-agent: {len(missed)} missed alarms on early attack steps "
               f"(agent.missed_alarms={config.missed_alarms})")
     if config.false_alarms > 0:
-        train, alarmed = false_alarms(train, config.false_alarms, int(cfg.seed))
+        scored, alarmed = false_alarms(train, config.false_alarms, int(cfg.seed))
+        if shown is train:
+            shown = scored
+        else:   # a copy of its own
+            shown.risk[alarmed], shown.tags[alarmed] = scored.risk[alarmed], scored.tags[alarmed]
         print(f"sandhop-train-agent: {len(alarmed)} false alarms among the train split's "
               f"{int((~train.malicious).sum())} benign events (agent.false_alarms={config.false_alarms})")
-    env = JaxSandboxEnv.from_episodes(train, spec, progress=progress)
+    env = JaxSandboxEnv.from_episodes(shown, spec, progress=progress)
     if config.train_max_steps:   # training only: evaluation replays whole tests
         env.params = env.params.replace(max_steps=jnp.int32(config.train_max_steps))
     return env

@@ -556,17 +556,17 @@ def train_out_of_fold(out: Path, data: dict[str, Encoded], cfg: Any, spec: Featu
         for i, p, o in zip(inside, probs, outputs):
             risk[i], tags[i] = p.astype(np.float32), np.asarray(o["tags"], np.float32)
         labels = flat["malicious"] > 0
-        row = {"fold": k, "tests": int(len(inside)), "events": int(len(prob))}
+        row = {"fold": k, "folder": f"folds/{k + 1}-of-{folds}", "tests": int(len(inside)), "events": int(len(prob))}
         if labels.any() and (~labels).any():
             row["event_roc_auc"] = ev.roc_metrics(prob[~labels], prob[labels])["roc_auc"]
         summary.append(row)
     from sandhop.datasets import splits
-    write_out_of_fold(out / OUT_OF_FOLD, enc, fold, risk, tags, dataset=splits.build(cfg.dataset).name)
+    write_out_of_fold(out / OUT_OF_FOLD, enc, fold, folds, risk, tags, dataset=splits.build(cfg.dataset).name)
     return {"folds": folds, "file": OUT_OF_FOLD, "per_fold": summary}
 
 
-def write_out_of_fold(path: Path, enc: Encoded, fold: np.ndarray, risk: list[np.ndarray], tags: list[np.ndarray],
-                      dataset: str) -> None:
+def write_out_of_fold(path: Path, enc: Encoded, fold: np.ndarray, folds: int, risk: list[np.ndarray],
+                      tags: list[np.ndarray], dataset: str) -> None:
     """OUT_OF_FOLD: one row per test with its key, fold, and per event its label (so a reader can
     tell that the scores belong to its events), calibrated risk and tags."""
     import pyarrow as pa
@@ -580,7 +580,7 @@ def write_out_of_fold(path: Path, enc: Encoded, fold: np.ndarray, risk: list[np.
         "tags": pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(
             pa.array(np.concatenate(tags).astype(np.float32).reshape(-1)), len(enc.spec.tags))),
     })
-    meta = {"format": 1, "folds": int(fold.max()) + 1, "dataset": dataset, "tags": list(enc.spec.tags)}
+    meta = {"format": 1, "folds": folds, "dataset": dataset, "tags": list(enc.spec.tags)}
     table = table.replace_schema_metadata({"sandhop.out_of_fold": json.dumps(meta)})
     tmp = path.with_suffix(".tmp.parquet")
     pq.write_table(table, tmp)

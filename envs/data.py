@@ -289,25 +289,29 @@ def out_of_fold_risk(episodes: Episodes, checkpoint: str) -> Episodes:
     run = Path(checkpoint).expanduser().resolve()
     path = run / OUT_OF_FOLD
     if not path.is_file():
-        raise EnvError(f"{run} has no out-of-fold scores ({OUT_OF_FOLD}); train the risk model with "
-                       "out_of_fold=2 (the default), or train the manager on its in-sample scores: "
-                       "agent.risk_scores=in_sample")
+        raise EnvError(f"{run} has no out-of-fold scores ({OUT_OF_FOLD}): add them to the run with `sandhop-train-risk "
+                       f"out={run} out_of_fold=2` and the run's other settings (its config.yaml; the trained model "
+                       "is kept), or train the manager on the in-sample scores: agent.risk_scores=in_sample")
+    unreadable = (OSError, ValueError, KeyError, AttributeError, pa.ArrowException)
+    retrain = f"retrain the risk model (sandhop-train-risk out={run})"
     try:
         table = pq.read_table(path)
         meta = json.loads((table.schema.metadata or {}).get(b"sandhop.out_of_fold", b"{}"))
-        keys = list(zip(*(table[c].to_pylist() for c in ("suite", "run_id", "test_id"))))
-        columns = {c: table[c].combine_chunks() for c in ("malicious", "risk", "tags")}
-    except (OSError, ValueError, KeyError) as exc:
-        raise EnvError(f"{path} is not readable as out-of-fold scores ({exc}); retrain the risk model "
-                       f"(sandhop-train-risk out={run})") from None
+    except unreadable as exc:
+        raise EnvError(f"{path} is not readable as out-of-fold scores ({exc}); {retrain}") from None
     if meta.get("format") != 1 or tuple(meta.get("tags", ())) != INFERRED_TAGS:
         raise EnvError(f"{path} has format {meta.get('format')} and tags {meta.get('tags')}; this sandhop reads "
-                       f"format 1 with tags {list(INFERRED_TAGS)}: retrain the risk model")
+                       f"format 1 with tags {list(INFERRED_TAGS)}: {retrain}")
+    try:
+        keys = list(zip(*(table[c].to_pylist() for c in ("suite", "run_id", "test_id"))))
+        columns = {c: table[c].combine_chunks() for c in ("malicious", "risk", "tags")}
+        offsets = columns["risk"].offsets.to_numpy()
+        malicious = columns["malicious"].values.to_numpy(zero_copy_only=False)
+        risk_values = columns["risk"].values.to_numpy()
+        tag_values = columns["tags"].values.flatten().to_numpy().reshape(-1, len(INFERRED_TAGS))
+    except unreadable as exc:
+        raise EnvError(f"{path} is not readable as out-of-fold scores ({exc}); {retrain}") from None
     where = {k: i for i, k in enumerate(keys)}
-    offsets = columns["risk"].offsets.to_numpy()
-    malicious = columns["malicious"].values.to_numpy(zero_copy_only=False)
-    risk_values = columns["risk"].values.to_numpy()
-    tag_values = columns["tags"].values.flatten().to_numpy().reshape(-1, len(INFERRED_TAGS))
     rows = np.empty(episodes.n_events, np.int64)
     missing = 0
     for e, key in enumerate(episodes.keys):
@@ -320,8 +324,9 @@ def out_of_fold_risk(episodes: Episodes, checkpoint: str) -> Episodes:
         rows[span] = np.arange(offsets[i], offsets[i + 1])
     if missing:
         raise EnvError(f"the out-of-fold scores of {run} (dataset {meta.get('dataset')!r}) lack {missing} of the "
-                       f"{len(episodes)} tests of {episodes.name} as they are: the risk model was trained on "
-                       "another dataset. Train it on this one, or use agent.risk_scores=in_sample")
+                       f"{len(episodes)} tests of {episodes.name} as they are (key, event count and labels): the risk model "
+                       "was trained on another dataset, or on this one before it changed. Train it on this one, or use "
+                       "agent.risk_scores=in_sample")
     return replace(episodes, risk=risk_values[rows].astype(np.float32), tags=tag_values[rows].astype(np.float32),
                    risk_source=f"{episodes.risk_source} (out of fold)")
 

@@ -5,6 +5,7 @@ split with a fold model that did not train on it, and the sandbox manager trains
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ import pytest
 
 jax = pytest.importorskip("jax")
 pytest.importorskip("hydra")
+import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from conftest import TINY_RISK, compose  # noqa: E402
 
@@ -124,17 +126,31 @@ def test_the_manager_trains_on_the_out_of_fold_scores_and_evaluates_on_the_final
 def test_missing_foreign_or_corrupt_scores_are_refused_with_the_fix(folded, trained, tmp_path):
     cfg = agent_config(trained.risk)                                  # a run without fold models
     spec, agent = EnvSpec.from_config(cfg.env), ppo.PPOConfig.from_config(cfg.agent)
-    with pytest.raises(ppo.AgentError, match="no out-of-fold scores.*out_of_fold=2.*agent.risk_scores=in_sample"):
+    with pytest.raises(ppo.AgentError, match="no out-of-fold scores.*add them to the run.*out_of_fold=2.*agent.risk_scores=in_sample"):
         training_env(cfg, agent, spec, progress=False)
     # the folded run's scores against another dataset's train split (the whole small dataset)
     other = compose("train_agent", "experiment=smoke", "env.risk.source=model", f"env.risk.checkpoint={folded.out}")
     with pytest.raises(ppo.AgentError, match="trained on another dataset"):
         training_env(other, ppo.PPOConfig.from_config(other.agent), EnvSpec.from_config(other.env), progress=False)
-    broken = shutil.copytree(folded.out, tmp_path / "risk")
-    (broken / OUT_OF_FOLD).write_bytes(b"not parquet")
-    episodes = envdata.load("train", cfg.dataset, EnvSpec.from_config(agent_config(broken).env))
+    copy = shutil.copytree(folded.out, tmp_path / "risk")
+    episodes = envdata.load("train", cfg.dataset, EnvSpec.from_config(agent_config(copy).env))
+    table = pq.read_table(copy / OUT_OF_FOLD)
+    # one event's label flipped: the scores no longer belong to these events
+    labels = table["malicious"].to_pylist()
+    labels[0][0] = not labels[0][0]
+    flipped = table.set_column(table.column_names.index("malicious"), "malicious", pa.array(labels))
+    pq.write_table(flipped.replace_schema_metadata(table.schema.metadata), copy / OUT_OF_FOLD)
+    with pytest.raises(envdata.EnvError, match=f"lack 1 of the {len(episodes)} tests.*key, event count and labels"):
+        envdata.out_of_fold_risk(episodes, str(copy))
+    meta = json.loads(table.schema.metadata[b"sandhop.out_of_fold"])
+    pq.write_table(table.replace_schema_metadata({"sandhop.out_of_fold": json.dumps({**meta, "format": 2})}),
+                   copy / OUT_OF_FOLD)
+    with pytest.raises(envdata.EnvError, match="has format 2.*reads format 1.*retrain the risk model"):
+        envdata.out_of_fold_risk(episodes, str(copy))
+    (copy / OUT_OF_FOLD).write_bytes(b"not parquet")
     with pytest.raises(envdata.EnvError, match="not readable as out-of-fold scores.*retrain"):
-        envdata.out_of_fold_risk(episodes, str(broken))
+        envdata.out_of_fold_risk(episodes, str(copy))
+    np.testing.assert_array_equal(envdata.out_of_fold_risk(episodes, str(folded.out)).malicious, episodes.malicious)
 
 
 def test_one_fold_is_refused_before_anything_is_written(tmp_path):
@@ -142,3 +158,12 @@ def test_one_fold_is_refused_before_anything_is_written(tmp_path):
         run(compose("train_risk", *(o for o in FOLDED if not o.startswith("out_of_fold=")), "out_of_fold=1",
                     f"out={tmp_path / 'one'}"))
     assert not (tmp_path / "one").exists()
+
+
+def test_folds_are_added_to_a_finished_run_without_training_it_again(folded, trained, tmp_path):
+    """What the missing-scores error tells a user to do."""
+    copy = shutil.copytree(trained.risk, tmp_path / "risk")        # trained with out_of_fold=0
+    before = (copy / "metrics.csv").read_text()
+    run(compose("train_risk", *FOLDED, f"out={copy}"))
+    assert (copy / "metrics.csv").read_text() == before
+    assert pq.read_table(copy / OUT_OF_FOLD).num_rows == len(load_data(folded.cfg)[0]["train"])

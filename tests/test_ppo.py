@@ -147,11 +147,14 @@ def test_training_sees_the_missed_and_false_alarms_and_evaluation_does_not():
     spec, agent = EnvSpec.from_config(cfg.env), ppo.PPOConfig.from_config(cfg.agent)
     episodes = envdata.load("train", cfg.dataset, spec)
     missed, missed_hit = missed_alarms(episodes, 0.5, seed=3)
-    alarmed, hit = false_alarms(missed, 0.2, seed=3)
+    alarmed, hit = false_alarms(episodes, 0.2, seed=3)
     assert len(hit) > 0 and len(missed_hit) > 0
+    # each from the scores as loaded: false alarms carry attacks' own scores, not missed ones
+    expected_risk, expected_tags = missed.risk.copy(), missed.tags.copy()
+    expected_risk[hit], expected_tags[hit] = alarmed.risk[hit], alarmed.tags[hit]
     trained_on = np.asarray(training_env(cfg, agent, spec, progress=False).params.floats)
-    np.testing.assert_array_equal(trained_on[:, 0], alarmed.risk)
-    np.testing.assert_array_equal(trained_on[:, 1:1 + alarmed.tags.shape[1]], alarmed.tags)
+    np.testing.assert_array_equal(trained_on[:, 0], expected_risk)
+    np.testing.assert_array_equal(trained_on[:, 1:1 + expected_tags.shape[1]], expected_tags)
     assert not np.array_equal(trained_on[:, 0], episodes.risk)
     none = config("agent.false_alarms=null", "agent.missed_alarms=null")
     plain = training_env(none, ppo.PPOConfig.from_config(none.agent), spec, progress=False)
