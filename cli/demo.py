@@ -290,8 +290,7 @@ class Demo:
                   "pytest --sandhop-record", self.record)
         self.step(2, "dataset", (self.out / "dataset.txt").exists(), f"the labelled splits (dataset={DATASET}: "
                   "attack scenarios injected into the bundled traces of real suites)", self.dataset)
-        from sandhop.agents.train_risk import OUT_OF_FOLD
-        self.step(3, "risk", (self.risk / "evaluation.json").exists() and (self.risk / OUT_OF_FOLD).exists(),
+        self.step(3, "risk", (self.risk / "evaluation.json").exists(),
                   f"training the risk model ({' '.join(RISK_OVERRIDES)})", self.train_risk)
         self.step(4, "agent", (self.agent / "evaluation.json").exists(),
                   f"training the PPO sandbox manager on its scores ({' '.join(AGENT_OVERRIDES)})", self.train_agent)
