@@ -330,7 +330,6 @@ def missed_alarms(episodes: Any, share: float, seed: int) -> tuple[Any, np.ndarr
     On held-out suites some do: a dropper whose connect scored 0.48 reached its spawn from /tmp
     (scored 0.95) at `observe`, and two of twelve seeds let it run. The damaging step keeps its
     scores: the policy learns to stop an attack there when nothing flagged it before."""
-    from dataclasses import replace
     rng = np.random.default_rng([seed, 1])   # a stream of its own: false alarms draw from `seed`
     episode = np.repeat(np.arange(len(episodes.keys)), episodes.length)
     position = np.arange(episodes.n_events) - np.repeat(episodes.start, episodes.length)
@@ -341,10 +340,7 @@ def missed_alarms(episodes: Any, share: float, seed: int) -> tuple[Any, np.ndarr
     benign = np.flatnonzero(~episodes.malicious)
     hit = hit if len(benign) else hit[:0]
     donors = rng.choice(benign, len(hit)) if len(hit) else hit
-    risk = np.array(episodes.risk, np.float32, copy=True)
-    tags = np.array(episodes.tags, np.float32, copy=True)
-    risk[hit], tags[hit] = risk[donors], tags[donors]
-    return replace(episodes, risk=risk, tags=tags), hit
+    return _scores_of(episodes, hit, donors), hit
 
 
 def false_alarms(episodes: Any, share: float, seed: int) -> tuple[Any, np.ndarray]:
@@ -357,7 +353,6 @@ def false_alarms(episodes: Any, share: float, seed: int) -> tuple[Any, np.ndarra
     alarms (a connect to a non-routable private address scored as exfiltration). Kinds that attacks
     use are left alone: there a benign event that looks like an attack is indistinguishable from one,
     and training the manager to let it pass would let attacks through."""
-    from dataclasses import replace
     rng = np.random.default_rng(seed)
     kind = episodes.kinds()
     attacked = np.isin(kind, kind[episodes.malicious])
@@ -365,10 +360,16 @@ def false_alarms(episodes: Any, share: float, seed: int) -> tuple[Any, np.ndarra
     candidates = (~episodes.malicious) & ~attacked
     hit = np.flatnonzero(candidates & (rng.random(len(kind)) < share)) if len(malicious) else np.zeros(0, np.int64)
     donors = rng.choice(malicious, len(hit)) if len(hit) else hit
+    return _scores_of(episodes, hit, donors), hit
+
+
+def _scores_of(episodes: Any, hit: np.ndarray, donors: np.ndarray) -> Any:
+    """A copy of `episodes` in which events `hit` carry the risk and tags of events `donors`."""
+    from dataclasses import replace
     risk = np.array(episodes.risk, np.float32, copy=True)
     tags = np.array(episodes.tags, np.float32, copy=True)
     risk[hit], tags[hit] = risk[donors], tags[donors]
-    return replace(episodes, risk=risk, tags=tags), hit
+    return replace(episodes, risk=risk, tags=tags)
 
 
 def _evaluate(evaluate, runner, val_env: JaxSandboxEnv) -> list[dict]:
